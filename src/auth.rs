@@ -1,0 +1,185 @@
+//! Authentication: which Tollgate key a request carries, and whose it is.
+//!
+//! Keys are looked up by their SHA-256 through an in-memory cache with a short TTL (at most 5 s,
+//! the contract's revocation bound), so the hot path touches the database only on the first
+//! sight of a key and once per TTL after that. Unknown keys are cached too (negatively), so a
+//! flood of bad keys cannot turn into a flood of queries.
+//!
+//! Not here: what a principal may do (governance, API roles).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use parking_lot::RwLock;
+
+use crate::store::{hash_key, Principal, Store, StoreError};
+use crate::telemetry::metric;
+
+/// Where in the request the Tollgate key was found; decides what the other auth headers mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// `X-Tollgate-Key` / `X-Coder-AI-Governance-Token`: `Authorization`/`x-api-key` then carry
+    /// the user's own provider key.
+    TollgateHeader,
+    Authorization,
+    XApiKey,
+    /// `Proxy-Authorization: Basic` on the proxy front door.
+    ProxyCredentials,
+}
+
+/// Finds the Tollgate key in the contract's order: `X-Tollgate-Key` (alias
+/// `X-Coder-AI-Governance-Token`), then `Authorization: Bearer`, then `x-api-key`.
+pub fn presented_key(headers: &HeaderMap) -> Option<(String, KeySource)> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(k) = text("x-tollgate-key").or_else(|| text("x-coder-ai-governance-token")) {
+        if !k.is_empty() {
+            return Some((k.to_string(), KeySource::TollgateHeader));
+        }
+    }
+    if let Some(auth) = text("authorization") {
+        let token = auth
+            .strip_prefix("Bearer ")
+            .or_else(|| auth.strip_prefix("bearer "))
+            .map(str::trim);
+        if let Some(t) = token.filter(|t| !t.is_empty()) {
+            return Some((t.to_string(), KeySource::Authorization));
+        }
+    }
+    if let Some(k) = text("x-api-key").filter(|k| !k.is_empty()) {
+        return Some((k.to_string(), KeySource::XApiKey));
+    }
+    None
+}
+
+struct CacheEntry {
+    principal: Option<Arc<Principal>>,
+    fetched: Instant,
+}
+
+/// Bound on cached entries; past it the cache is cleared rather than grown (a flood of random
+/// keys must not eat memory).
+const MAX_ENTRIES: usize = 100_000;
+
+/// Key hash → principal, refreshed from the store after `ttl`.
+pub struct KeyCache {
+    entries: RwLock<HashMap<[u8; 32], CacheEntry>>,
+    ttl: Duration,
+}
+
+impl KeyCache {
+    pub fn new(ttl: Duration) -> KeyCache {
+        KeyCache {
+            entries: RwLock::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    /// A cached answer still within its TTL: `Some(None)` means "known bad key".
+    pub fn cached(&self, hash: &[u8; 32]) -> Option<Option<Arc<Principal>>> {
+        let entries = self.entries.read();
+        let e = entries.get(hash)?;
+        (e.fetched.elapsed() < self.ttl).then(|| e.principal.clone())
+    }
+
+    pub fn insert(&self, hash: [u8; 32], principal: Option<Arc<Principal>>) {
+        let mut entries = self.entries.write();
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(
+            hash,
+            CacheEntry {
+                principal,
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    /// Forgets everything (after a local revocation or user change).
+    pub fn clear(&self) {
+        self.entries.write().clear();
+    }
+
+    /// Resolves a presented key: from the cache, else from the store (run on `db`, the runtime
+    /// that owns the pool).
+    pub async fn resolve(
+        &self,
+        secret: &str,
+        store: &Store,
+        db: &tokio::runtime::Handle,
+    ) -> Result<Option<Arc<Principal>>, StoreError> {
+        let hash = hash_key(secret);
+        if let Some(hit) = self.cached(&hash) {
+            metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "hit").increment(1);
+            return Ok(hit);
+        }
+        metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "miss").increment(1);
+        let store = store.clone();
+        let found = db
+            .spawn(async move { store.principal_for_key(&hash).await })
+            .await
+            .map_err(|e| StoreError::Invalid(format!("key lookup task failed: {e}")))??;
+        let principal = found.map(Arc::new);
+        self.insert(hash, principal.clone());
+        Ok(principal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn key_sources_in_contract_order() {
+        let h = headers(&[
+            ("x-tollgate-key", "tg_a"),
+            ("authorization", "Bearer sk-user"),
+            ("x-api-key", "x"),
+        ]);
+        assert_eq!(
+            presented_key(&h),
+            Some(("tg_a".into(), KeySource::TollgateHeader))
+        );
+        let h = headers(&[("x-coder-ai-governance-token", "tg_b")]);
+        assert_eq!(
+            presented_key(&h),
+            Some(("tg_b".into(), KeySource::TollgateHeader))
+        );
+        let h = headers(&[("authorization", "Bearer tg_c"), ("x-api-key", "tg_d")]);
+        assert_eq!(
+            presented_key(&h),
+            Some(("tg_c".into(), KeySource::Authorization))
+        );
+        let h = headers(&[("x-api-key", "tg_d")]);
+        assert_eq!(presented_key(&h), Some(("tg_d".into(), KeySource::XApiKey)));
+        let h = headers(&[("authorization", "Basic abc")]);
+        assert_eq!(presented_key(&h), None);
+        assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn cache_expires_after_ttl() {
+        let cache = KeyCache::new(Duration::from_millis(30));
+        let h = hash_key("tg_x");
+        cache.insert(h, None);
+        assert_eq!(cache.cached(&h), Some(None));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(cache.cached(&h), None);
+    }
+}

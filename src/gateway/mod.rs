@@ -1,0 +1,1094 @@
+//! The gateway pipeline: one pingora `ProxyHttp` serving every provider route.
+//!
+//! A request goes through these phases, each a function below, in this order:
+//! [`Gateway::route`] (provider and API from the path) → [`Gateway::authenticate`] (Tollgate key
+//! → principal) → [`read_body`] (bounded) → [`Gateway::credential`] (key policy) → parse the body
+//! (provider adapter) → [`Gateway::open_interception`] (client, session, thread) →
+//! [`Gateway::exchange`] (upstream call, response streamed through the parser chunk by chunk) →
+//! [`Gateway::close_interception`] (cost, metrics, logs, recorder queue).
+//!
+//! The whole exchange runs inside `request_filter` with pingora's connector, rather than in
+//! pingora's own upstream phases, because the body must be read and judged *before* anything is
+//! sent upstream: a refusal (400/401/402/403/413/429) never contacts the provider, and pingora
+//! replays at most 64 KiB of a body that was read early.
+//!
+//! Not here: provider wire formats (`providers`), key storage (`store`), pricing (`governance`).
+
+mod lineage;
+mod refusal;
+mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use http::HeaderMap;
+use parking_lot::RwLock;
+use pingora::connectors::http::Connector;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::client::HttpSession as UpstreamSession;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use uuid::Uuid;
+
+use crate::auth::{presented_key, KeyCache, KeySource};
+use crate::clients::{self, ClientInfo};
+use crate::config::{Config, KeyPolicyConfig};
+use crate::governance::pricing::{self, PriceBook};
+use crate::money::NanoUsd;
+use crate::providers::{
+    CredentialHeader, Endpoint, ErrorFormat, ParsedRequest, ProviderKind, ResponseParser,
+    ResponseSummary, RouteMatch, UsageChunkStripper,
+};
+use crate::store::{
+    mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus, Principal, Recorder, Store,
+};
+use crate::telemetry::{self, metric};
+
+pub use lineage::{ThreadIndex, ThreadLink};
+pub use refusal::{Refusal, RefusalKind};
+pub use upstream::{DnsCache, ProviderRoute};
+
+/// The canonical route prefix (as Coder's AI Bridge); `/{provider}` is the short alias.
+pub const ROUTE_PREFIX: &str = "/api/v2/aibridge/";
+
+/// State shared by every request on every listener.
+pub struct GatewayState {
+    pub config: Arc<Config>,
+    providers: HashMap<String, Arc<ProviderRoute>>,
+    pub keys: KeyCache,
+    pub store: Store,
+    /// The runtime that owns the database pool; cache misses run there.
+    pub db: tokio::runtime::Handle,
+    recorder: Recorder,
+    prices: RwLock<Arc<PriceBook>>,
+    dns: Arc<DnsCache>,
+    connector: Connector,
+    threads: ThreadIndex,
+}
+
+impl GatewayState {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        db: tokio::runtime::Handle,
+        recorder: Recorder,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> GatewayState {
+        let providers = config
+            .providers
+            .iter()
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    Arc::new(ProviderRoute::from_config(name, p, &env)),
+                )
+            })
+            .collect();
+        GatewayState {
+            keys: KeyCache::new(config.auth.key_cache_ttl),
+            providers,
+            store,
+            db,
+            recorder,
+            prices: RwLock::new(Arc::new(PriceBook::builtin())),
+            dns: DnsCache::new(Duration::from_secs(30)),
+            connector: Connector::new(None),
+            threads: ThreadIndex::new(100_000),
+            config,
+        }
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderRoute>> {
+        self.providers.get(name)
+    }
+
+    pub fn providers(&self) -> impl Iterator<Item = &Arc<ProviderRoute>> {
+        self.providers.values()
+    }
+
+    pub fn prices(&self) -> Arc<PriceBook> {
+        self.prices.read().clone()
+    }
+}
+
+/// The pingora service value. `fixed_provider` is set for the proxy front door, where the
+/// CONNECT target (not the path) says which provider a request is for.
+pub struct Gateway {
+    state: Arc<GatewayState>,
+    fixed_provider: Option<Arc<ProviderRoute>>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<GatewayState>) -> Gateway {
+        Gateway {
+            state,
+            fixed_provider: None,
+        }
+    }
+
+    pub fn for_provider(state: Arc<GatewayState>, provider: Arc<ProviderRoute>) -> Gateway {
+        Gateway {
+            state,
+            fixed_provider: Some(provider),
+        }
+    }
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    interception: Option<OpenInterception>,
+}
+
+/// An interception between its start and its record.
+struct OpenInterception {
+    id: Uuid,
+    started: Instant,
+    started_at: DateTime<Utc>,
+    route: Arc<ProviderRoute>,
+    endpoint: Endpoint,
+    request: ParsedRequest,
+    principal: Arc<Principal>,
+    client: ClientInfo,
+    thread: Option<ThreadLink>,
+    credential_kind: CredentialKind,
+    credential_hint: Option<String>,
+    parser: Option<Box<dyn ResponseParser>>,
+    /// What the parser found, once the response is complete (or cut).
+    summary: Option<ResponseSummary>,
+    streaming: bool,
+    upstream_status: Option<u16>,
+    ttfb: Option<Duration>,
+    /// Time spent waiting on the upstream (connect, head, body reads).
+    upstream_wait: Duration,
+    status: Option<InterceptionStatus>,
+    error: Option<String>,
+    /// First bytes of an upstream error body, for the record.
+    error_body: Vec<u8>,
+}
+
+/// Why `handle` stopped early.
+enum Stop {
+    /// Answer with a provider-shaped error (nothing has been sent to the client yet).
+    Refuse(Refusal),
+    /// The response was cut after it started (client gone, upstream reset or timeout): close the
+    /// connection without a clean end so the client sees the break.
+    Broken(Box<Error>),
+}
+
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Stop {
+        Stop::Refuse(r)
+    }
+}
+
+/// A request routed to a provider: which one, what API, and the path to send upstream.
+struct Routed {
+    route: Arc<ProviderRoute>,
+    target: RouteMatch,
+    /// Path after the provider prefix, with the query string.
+    rest: String,
+}
+
+/// The upstream credential chosen by the key policy.
+struct Credential {
+    key: Option<String>,
+    kind: CredentialKind,
+}
+
+/// Upper bound of an upstream error body kept for the record.
+const ERROR_BODY_KEEP: usize = 2048;
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// Runs the whole pipeline; always answers the client itself, so pingora's upstream phases
+    /// never run. An `Err` means the response broke after it started.
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        match self.handle(session, ctx).await {
+            Ok(()) => Ok(true),
+            Err(Stop::Refuse(refusal)) => {
+                let format = self.error_format_for(session);
+                self.refuse(session, format, &refusal).await;
+                Ok(true)
+            }
+            Err(Stop::Broken(e)) => Err(e),
+        }
+    }
+
+    /// Never reached: `request_filter` always answers. Kept to satisfy the trait.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            ErrorType::InternalError,
+            "the gateway answers every request in request_filter",
+        ))
+    }
+
+    /// Only reached for a response that broke mid-way: nothing more can be said to the client.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        _e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        if session.response_written().is_none() {
+            let format = self.error_format_for(session);
+            let refusal = Refusal::new(
+                RefusalKind::UpstreamUnreachable,
+                "the gateway could not complete the request",
+            );
+            self.refuse(session, format, &refusal).await;
+        }
+        FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Breaks are recorded on the interception; pingora's own error line would only repeat them.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
+    /// Closes the interception (on success, refusal after start, client abort or upstream break).
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(open) = ctx.interception.take() {
+            self.close_interception(open);
+        }
+    }
+}
+
+impl Gateway {
+    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Stop> {
+        let routed = self.route(session)?;
+        let (principal, key_source) = self.authenticate(session, &routed.route).await?;
+        let body = read_body(session, self.state.config.limits.max_body_bytes).await?;
+        let credential = self.credential(
+            &routed.route,
+            session.req_header().headers.clone(),
+            key_source,
+        )?;
+        let endpoint = match routed.target {
+            RouteMatch::Intercept(endpoint) => endpoint,
+            RouteMatch::Passthrough => {
+                metrics::counter!(metric::PASSTHROUGH_TOTAL, "provider" => routed.route.name.clone()).increment(1);
+                return self
+                    .exchange(session, None, &routed, body, &credential)
+                    .await;
+            }
+            RouteMatch::NotFound => unreachable!("route() refuses unknown paths"),
+        };
+        let request = routed
+            .route
+            .adapter
+            .parse_request(endpoint, &body)
+            .map_err(|e| Refusal::new(RefusalKind::BadRequest, e.to_string()))?;
+        let upstream_body = match routed
+            .route
+            .adapter
+            .rewrite_request(endpoint, &body, &request)
+        {
+            Some(rewritten) => Bytes::from(rewritten),
+            None => body,
+        };
+        let open = self
+            .open_interception(session, &routed, endpoint, request, principal, &credential)
+            .await;
+        ctx.interception = Some(open);
+        self.exchange(
+            session,
+            ctx.interception.as_mut(),
+            &routed,
+            upstream_body,
+            &credential,
+        )
+        .await
+    }
+
+    /// Phase 1: which provider and which of its APIs the path names (404 otherwise).
+    fn route(&self, session: &Session) -> Result<Routed, Refusal> {
+        let req = session.req_header();
+        let path = req.uri.path();
+        let query = req.uri.query();
+        let (route, rest_path) = match &self.fixed_provider {
+            Some(p) => (p.clone(), path),
+            None => {
+                let tail = path
+                    .strip_prefix(ROUTE_PREFIX)
+                    .or_else(|| path.strip_prefix('/'))
+                    .unwrap_or("");
+                let (name, rest) = match tail.find('/') {
+                    Some(i) => (&tail[..i], &tail[i..]),
+                    None => (tail, "/"),
+                };
+                match self.state.provider(name) {
+                    Some(p) => (p.clone(), rest),
+                    None => {
+                        return Err(Refusal::new(
+                            RefusalKind::NotFound,
+                            format!("no provider route at {path}"),
+                        ))
+                    }
+                }
+            }
+        };
+        let target = route.adapter.route(&req.method, rest_path);
+        if target == RouteMatch::NotFound {
+            return Err(Refusal::new(
+                RefusalKind::NotFound,
+                format!(
+                    "{} {} is not a route of provider {}",
+                    req.method, rest_path, route.name
+                ),
+            ));
+        }
+        let rest = match query {
+            Some(q) => format!("{rest_path}?{q}"),
+            None => rest_path.to_string(),
+        };
+        Ok(Routed {
+            route,
+            target,
+            rest,
+        })
+    }
+
+    /// Phase 2: the Tollgate key → principal (401 when missing, unknown or revoked).
+    async fn authenticate(
+        &self,
+        session: &Session,
+        route: &ProviderRoute,
+    ) -> Result<(Arc<Principal>, KeySource), Refusal> {
+        let headers = &session.req_header().headers;
+        let found = presented_key(headers)
+            // Copilot's Authorization is the user's GitHub token, never a Tollgate key.
+            .filter(|(_, source)| {
+                route.kind != ProviderKind::Copilot || *source == KeySource::TollgateHeader
+            });
+        let Some((secret, source)) = found else {
+            let hint = if route.kind == ProviderKind::Copilot {
+                "missing Tollgate key: send it in X-Tollgate-Key (or as the proxy password)"
+            } else {
+                "missing Tollgate key: send it as Authorization: Bearer, x-api-key or X-Tollgate-Key"
+            };
+            return Err(Refusal::new(RefusalKind::Unauthenticated, hint));
+        };
+        match self
+            .state
+            .keys
+            .resolve(&secret, &self.state.store, &self.state.db)
+            .await
+        {
+            Ok(Some(p)) => Ok((p, source)),
+            Ok(None) => Err(Refusal::new(
+                RefusalKind::Unauthenticated,
+                "invalid or revoked Tollgate key",
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed");
+                Err(Refusal::new(
+                    RefusalKind::UpstreamUnreachable,
+                    "Tollgate cannot check keys right now (database unavailable)",
+                ))
+            }
+        }
+    }
+
+    /// Phase 4: the key policy (contract truth table) picks the upstream credential.
+    fn credential(
+        &self,
+        route: &ProviderRoute,
+        headers: HeaderMap,
+        source: KeySource,
+    ) -> Result<Credential, Refusal> {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.trim().to_string())
+        };
+        let bearer = text("authorization").and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+                .map(|t| t.trim().to_string())
+        });
+        if route.adapter.credential_header() == CredentialHeader::ClientAuthorization {
+            // Copilot: the client's own GitHub token is always the credential.
+            return match bearer.filter(|t| !t.is_empty()) {
+                Some(token) => Ok(Credential {
+                    key: Some(token),
+                    kind: CredentialKind::Byok,
+                }),
+                None => Err(Refusal::new(
+                    RefusalKind::KeyPolicy,
+                    "copilot requests must carry the client's own GitHub token in Authorization",
+                )),
+            };
+        }
+        // Only with the Tollgate key in its own header do Authorization/x-api-key carry a user key.
+        let user_key = if source == KeySource::TollgateHeader {
+            bearer
+                .or_else(|| text("x-api-key"))
+                .filter(|k| !k.is_empty())
+        } else {
+            None
+        };
+        choose_credential(
+            self.state.config.keys,
+            user_key,
+            route.central_key.as_deref(),
+            &route.name,
+        )
+    }
+
+    /// Phase 5: the interception starts: who, which client and session, which thread.
+    async fn open_interception(
+        &self,
+        session: &Session,
+        routed: &Routed,
+        endpoint: Endpoint,
+        request: ParsedRequest,
+        principal: Arc<Principal>,
+        credential: &Credential,
+    ) -> OpenInterception {
+        let headers = &session.req_header().headers;
+        let client = clients::identify(headers, request.metadata_user_id.as_deref());
+        let thread = self.find_thread(&request.tool_result_ids).await;
+        metrics::gauge!(metric::INTERCEPTIONS_INFLIGHT, "provider" => routed.route.name.clone())
+            .increment(1.0);
+        OpenInterception {
+            id: Uuid::now_v7(),
+            started: Instant::now(),
+            started_at: Utc::now(),
+            route: routed.route.clone(),
+            endpoint,
+            request,
+            principal,
+            client,
+            thread,
+            credential_kind: credential.kind,
+            credential_hint: credential.key.as_deref().map(mask_secret),
+            parser: None,
+            summary: None,
+            streaming: false,
+            upstream_status: None,
+            ttfb: None,
+            upstream_wait: Duration::ZERO,
+            status: None,
+            error: None,
+            error_body: Vec::new(),
+        }
+    }
+
+    async fn find_thread(&self, tool_result_ids: &[String]) -> Option<ThreadLink> {
+        for id in tool_result_ids.iter().rev() {
+            if let Some(link) = self.state.threads.find(id) {
+                return Some(link);
+            }
+        }
+        // Not in memory (older, or produced by another replica): ask the store once.
+        let last = tool_result_ids.last()?.clone();
+        let store = self.state.store.clone();
+        let found = self
+            .state
+            .db
+            .spawn(async move { store.thread_of_tool_call(&last).await })
+            .await
+            .ok()?
+            .ok()??;
+        Some(ThreadLink {
+            parent: found.0,
+            root: found.1,
+        })
+    }
+
+    /// Phase 6: the upstream call. The response head and every body chunk are relayed as they
+    /// arrive; intercepted responses also pass through the provider's parser.
+    async fn exchange(
+        &self,
+        session: &mut Session,
+        mut open: Option<&mut OpenInterception>,
+        routed: &Routed,
+        body: Bytes,
+        credential: &Credential,
+    ) -> Result<(), Stop> {
+        let route = &routed.route;
+        let waited = Instant::now();
+        let addr = match self.state.dns.resolve(&route.upstream).await {
+            Ok(a) => a,
+            Err(e) => {
+                let msg = format!("cannot resolve upstream {}: {e}", route.upstream.host);
+                mark_failed(&mut open, InterceptionStatus::UpstreamAborted, &msg);
+                return Err(Refusal::new(RefusalKind::UpstreamUnreachable, msg).into());
+            }
+        };
+        let peer = route.peer(addr);
+        let req = session.req_header();
+        let head = upstream::upstream_request(
+            &req.method,
+            &route.upstream_path(&routed.rest),
+            &req.headers,
+            route,
+            credential.key.as_deref(),
+            body.len(),
+        )
+        .map_err(|e| {
+            Refusal::new(
+                RefusalKind::BadRequest,
+                format!("cannot forward request headers: {e}"),
+            )
+        })?;
+
+        let mut up = match self.send(&peer, head, body).await {
+            Ok(up) => up,
+            Err(e) => {
+                let timed_out = is_timeout(&e);
+                let (status, kind) = if timed_out {
+                    (InterceptionStatus::Timeout, RefusalKind::UpstreamTimeout)
+                } else {
+                    (
+                        InterceptionStatus::UpstreamAborted,
+                        RefusalKind::UpstreamUnreachable,
+                    )
+                };
+                let msg = format!("upstream {} failed: {}", route.name, e.etype().as_str());
+                mark_failed(&mut open, status, &msg);
+                if let Some(o) = open.as_deref_mut() {
+                    o.upstream_wait += waited.elapsed();
+                }
+                return Err(Refusal::new(kind, msg).into());
+            }
+        };
+        let upstream_head = match up.response_header() {
+            Some(h) => h.clone(),
+            None => {
+                return Err(Refusal::new(
+                    RefusalKind::UpstreamUnreachable,
+                    "upstream sent no response head",
+                )
+                .into())
+            }
+        };
+        let status = upstream_head.status.as_u16();
+        let streaming = upstream_head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        metrics::histogram!(metric::UPSTREAM_TTFB_SECONDS, "provider" => route.name.clone())
+            .record(waited.elapsed().as_secs_f64());
+
+        let mut stripper = None;
+        if let Some(o) = open.as_deref_mut() {
+            o.ttfb = Some(o.started.elapsed());
+            o.upstream_wait += waited.elapsed();
+            o.upstream_status = Some(status);
+            o.streaming = streaming;
+            if status < 400 {
+                o.parser = Some(route.adapter.response_parser(o.endpoint, streaming));
+                let injected_usage = o.endpoint == Endpoint::ChatCompletions
+                    && o.request.stream
+                    && !o.request.client_requested_usage;
+                if injected_usage && streaming {
+                    stripper = Some(UsageChunkStripper::new());
+                }
+            }
+        }
+
+        let mut downstream_head =
+            ResponseHeader::build(status, Some(upstream_head.headers.len() + 2))
+                .map_err(Stop::Broken)?;
+        for (name, value) in upstream_head.headers.iter() {
+            let n = name.as_str();
+            if upstream::is_hop_by_hop_response_header(n)
+                || (stripper.is_some() && n == "content-length")
+            {
+                continue;
+            }
+            let _ = downstream_head.append_header(name.clone(), value.clone());
+        }
+        if let Some(o) = open.as_deref() {
+            let _ = downstream_head.insert_header("x-tollgate-interception-id", o.id.to_string());
+        }
+        // Without a length, HTTP/1.1 must be chunked: a close-delimited body would make a cut
+        // stream look complete to the client.
+        if downstream_head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_none()
+            && session.req_header().version != http::Version::HTTP_10
+        {
+            let _ = downstream_head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
+        let empty_response = up.response_done();
+        if let Err(e) = session
+            .write_response_header(Box::new(downstream_head), empty_response)
+            .await
+        {
+            mark_failed(
+                &mut open,
+                InterceptionStatus::ClientAborted,
+                "client went away before the response head",
+            );
+            up.shutdown().await;
+            return Err(Stop::Broken(e));
+        }
+
+        // The upstream connection goes back to the pool the moment its response is complete,
+        // before the client sees the last bytes, so the client's next request can reuse it.
+        let mut upstream = Some(up);
+        while let Some(conn) = upstream.as_mut() {
+            if conn.response_done() {
+                self.release(upstream.take(), &peer).await;
+                break;
+            }
+            let read_started = Instant::now();
+            let read = conn.read_response_body().await;
+            if let Some(o) = open.as_deref_mut() {
+                o.upstream_wait += read_started.elapsed();
+            }
+            let chunk = match read {
+                Ok(Some(c)) => c,
+                Ok(None) if conn.response_done() => continue,
+                // The body ended without its proper end (chunked terminator, declared length).
+                Ok(None) => {
+                    mark_failed(
+                        &mut open,
+                        InterceptionStatus::UpstreamAborted,
+                        &format!(
+                            "upstream {} broke mid-response: body ended early",
+                            route.name
+                        ),
+                    );
+                    conn.shutdown().await;
+                    return Err(Stop::Broken(Error::explain(
+                        ErrorType::ReadError,
+                        "upstream body ended early",
+                    )));
+                }
+                Err(e) => {
+                    let status = if is_timeout(&e) {
+                        InterceptionStatus::Timeout
+                    } else {
+                        InterceptionStatus::UpstreamAborted
+                    };
+                    mark_failed(
+                        &mut open,
+                        status,
+                        &format!(
+                            "upstream {} broke mid-response: {}",
+                            route.name,
+                            e.etype().as_str()
+                        ),
+                    );
+                    conn.shutdown().await;
+                    return Err(Stop::Broken(e));
+                }
+            };
+            if let Some(o) = open.as_deref_mut() {
+                match o.parser.as_mut() {
+                    Some(p) => p.feed(&chunk),
+                    None if o.error_body.len() < ERROR_BODY_KEEP => {
+                        let keep = (ERROR_BODY_KEEP - o.error_body.len()).min(chunk.len());
+                        o.error_body.extend_from_slice(&chunk[..keep]);
+                    }
+                    None => {}
+                }
+            }
+            if conn.response_done() {
+                // The last chunk: settle what it says before the client can act on it (a
+                // follow-up tool result may arrive the moment the client has these bytes).
+                if let Some(o) = open.as_deref_mut() {
+                    self.settle_response(o);
+                }
+                self.release(upstream.take(), &peer).await;
+            }
+            let out = match stripper.as_mut() {
+                Some(s) => s.push(&chunk),
+                None => chunk,
+            };
+            if out.is_empty() {
+                continue;
+            }
+            if let Err(e) = session.write_response_body(Some(out), false).await {
+                mark_failed(
+                    &mut open,
+                    InterceptionStatus::ClientAborted,
+                    "client disconnected mid-response",
+                );
+                if let Some(mut conn) = upstream.take() {
+                    conn.shutdown().await;
+                }
+                return Err(Stop::Broken(e));
+            }
+        }
+        if let Some(o) = open.as_deref_mut() {
+            self.settle_response(o);
+            if o.status.is_none() {
+                o.status = Some(if status >= 400 {
+                    InterceptionStatus::UpstreamError
+                } else {
+                    InterceptionStatus::Completed
+                });
+            }
+        }
+        let tail = stripper
+            .as_mut()
+            .map(|s| s.finish())
+            .filter(|t| !t.is_empty());
+        if !empty_response {
+            if let Err(e) = session.write_response_body(tail, true).await {
+                mark_failed(
+                    &mut open,
+                    InterceptionStatus::ClientAborted,
+                    "client disconnected at the end of the response",
+                );
+                return Err(Stop::Broken(e));
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, conn: Option<UpstreamSession>, peer: &HttpPeer) {
+        if let Some(conn) = conn {
+            self.state
+                .connector
+                .release_http_session(conn, peer, Some(Duration::from_secs(60)))
+                .await;
+        }
+    }
+
+    /// Sends the request head and body and reads the response head. A pooled connection the
+    /// upstream closed while idle fails before any response: that case is retried once on a
+    /// fresh connection.
+    async fn send(
+        &self,
+        peer: &HttpPeer,
+        head: pingora::http::RequestHeader,
+        body: Bytes,
+    ) -> pingora::Result<UpstreamSession> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut up, reused) = self.state.connector.get_http_session(peer).await?;
+            let result = async {
+                up.write_request_header(Box::new(head.clone())).await?;
+                if !body.is_empty() {
+                    up.write_request_body(body.clone(), true).await?;
+                }
+                up.finish_request_body().await?;
+                up.read_response_header().await
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(up),
+                Err(e) if reused && attempt == 1 && !is_timeout(&e) => {
+                    up.shutdown().await;
+                    continue;
+                }
+                Err(e) => {
+                    up.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Takes the parser's findings once the response is complete, and makes its tool calls
+    /// known to thread lineage right away.
+    fn settle_response(&self, open: &mut OpenInterception) {
+        let Some(mut parser) = open.parser.take() else {
+            return;
+        };
+        let summary = parser.finish();
+        let link = ThreadLink {
+            parent: open.id,
+            root: open.thread.map(|t| t.root).unwrap_or(open.id),
+        };
+        for call in &summary.tool_calls {
+            self.state.threads.remember(&call.id, link);
+        }
+        open.summary = Some(summary);
+    }
+
+    /// Phase 7: the record. Cost from the price book, metrics, structured logs, lineage index,
+    /// then the recorder queue (never waits).
+    fn close_interception(&self, mut open: OpenInterception) {
+        if open.summary.is_none() {
+            self.settle_response(&mut open);
+        }
+        let summary = open.summary.take().unwrap_or_default();
+        let status = open.status.unwrap_or(InterceptionStatus::ClientAborted);
+        let usage = summary.usage.unwrap_or_default();
+        let prices = self.state.prices();
+        let price = prices
+            .lookup(&open.request.model)
+            .or_else(|| summary.model.as_deref().and_then(|m| prices.lookup(m)))
+            .cloned();
+        let cost = price
+            .as_ref()
+            .map(|p| pricing::cost(&usage, p))
+            .unwrap_or(NanoUsd(0));
+        let error = open.error.take().or_else(|| {
+            (!open.error_body.is_empty())
+                .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
+        });
+        let thread_root = open.thread.map(|t| t.root);
+        let session_key = open
+            .client
+            .session_id
+            .clone()
+            .or_else(|| thread_root.map(|r| r.to_string()))
+            .unwrap_or_else(|| open.id.to_string());
+        let record = InterceptionRecord {
+            id: open.id,
+            user_id: open.principal.user_id,
+            api_key_id: Some(open.principal.api_key_id),
+            provider: open.route.name.clone(),
+            provider_kind: open.route.kind.as_str(),
+            endpoint: endpoint_name(open.endpoint),
+            model: open.request.model.clone(),
+            response_model: summary.model.clone(),
+            client: open.client.client.as_str(),
+            client_session_id: open.client.session_id.clone(),
+            session_key,
+            thread_parent_id: open.thread.map(|t| t.parent),
+            thread_root_id: thread_root,
+            credential_kind: open.credential_kind,
+            credential_hint: open.credential_hint.clone(),
+            status,
+            upstream_status: open.upstream_status,
+            error,
+            streaming: open.streaming,
+            started_at: open.started_at,
+            ended_at: Utc::now(),
+            ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
+            response_id: summary.response_id.clone(),
+            usage,
+            prompt: open.request.last_user_prompt.take(),
+            tool_calls: summary.tool_calls,
+            thoughts: summary.thoughts,
+            cost,
+            price,
+        };
+        metrics::gauge!(metric::INTERCEPTIONS_INFLIGHT, "provider" => record.provider.clone())
+            .decrement(1.0);
+        telemetry::count_interception(
+            &record,
+            open.started.elapsed().as_secs_f64(),
+            open.upstream_wait.as_secs_f64(),
+        );
+        telemetry::log_interception(&record);
+        self.state.recorder.submit(record);
+    }
+
+    fn error_format_for(&self, session: &Session) -> ErrorFormat {
+        if let Some(p) = &self.fixed_provider {
+            return p.kind.error_format();
+        }
+        let path = session.req_header().uri.path();
+        let tail = path
+            .strip_prefix(ROUTE_PREFIX)
+            .or_else(|| path.strip_prefix('/'))
+            .unwrap_or("");
+        let name = tail.split('/').next().unwrap_or("");
+        self.state
+            .provider(name)
+            .map(|p| p.kind.error_format())
+            .unwrap_or(ErrorFormat::OpenAi)
+    }
+
+    /// Renders a refusal in the client's provider format (the one place this happens).
+    async fn refuse(&self, session: &mut Session, format: ErrorFormat, refusal: &Refusal) {
+        metrics::counter!(metric::REFUSALS_TOTAL, "reason" => refusal.kind.reason()).increment(1);
+        tracing::info!(
+            status = refusal.status(),
+            reason = refusal.kind.reason(),
+            path = %session.req_header().uri.path(),
+            message = %refusal.message,
+            "request refused"
+        );
+        let body = Bytes::from(refusal.body(format));
+        let Ok(mut head) = ResponseHeader::build(refusal.status(), Some(4 + refusal.headers.len()))
+        else {
+            return;
+        };
+        let _ = head.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+        for (name, value) in &refusal.headers {
+            let _ = head.insert_header(*name, value.as_str());
+        }
+        if session
+            .write_response_header(Box::new(head), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+    }
+}
+
+/// The contract's key-policy truth table.
+fn choose_credential(
+    policy: KeyPolicyConfig,
+    user_key: Option<String>,
+    central_key: Option<&str>,
+    provider: &str,
+) -> Result<Credential, Refusal> {
+    let central = || match central_key {
+        Some(k) => Ok(Credential {
+            key: Some(k.to_string()),
+            kind: CredentialKind::Central,
+        }),
+        None => Err(Refusal::new(
+            RefusalKind::KeyPolicy,
+            format!(
+                "no usable provider key: the central key for provider {provider} is not configured"
+            ),
+        )),
+    };
+    if !policy.allow_user_api_key {
+        return central();
+    }
+    match user_key {
+        Some(k) => Ok(Credential {
+            key: Some(k),
+            kind: CredentialKind::Byok,
+        }),
+        None if policy.central_api_key_enabled && policy.allow_central_api_key_fallback => central(),
+        None => Err(Refusal::new(
+            RefusalKind::KeyPolicy,
+            format!("provider {provider} requires your own API key: send it in Authorization or x-api-key with your Tollgate key in X-Tollgate-Key"),
+        )),
+    }
+}
+
+/// Phase 3: the request body, whole and bounded (413 past `max`), read before anything is sent
+/// upstream.
+async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            RefusalKind::BodyTooLarge,
+            format!("request body is larger than the {max} bytes this gateway accepts"),
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("could not read the request body: {}", e.etype().as_str()),
+                ))
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn mark_failed(
+    open: &mut Option<&mut OpenInterception>,
+    status: InterceptionStatus,
+    message: &str,
+) {
+    if let Some(o) = open.as_deref_mut() {
+        o.status = Some(status);
+        o.error = Some(message.to_string());
+    }
+}
+
+fn is_timeout(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
+fn endpoint_name(e: Endpoint) -> &'static str {
+    match e {
+        Endpoint::ChatCompletions => "chat_completions",
+        Endpoint::Responses => "responses",
+        Endpoint::Messages => "messages",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(c: bool, u: bool, f: bool) -> KeyPolicyConfig {
+        KeyPolicyConfig {
+            central_api_key_enabled: c,
+            allow_user_api_key: u,
+            allow_central_api_key_fallback: f,
+        }
+    }
+
+    #[test]
+    fn key_policy_truth_table() {
+        let user = || Some("sk-user".to_string());
+        let pick = |p, u| {
+            choose_credential(p, u, Some("sk-central"), "openai").map(|c| (c.key.unwrap(), c.kind))
+        };
+        // C=1 U=0 F=0: the user key is ignored.
+        assert_eq!(
+            pick(policy(true, false, false), user()).unwrap(),
+            ("sk-central".into(), CredentialKind::Central)
+        );
+        assert_eq!(
+            pick(policy(true, false, false), None).unwrap().1,
+            CredentialKind::Central
+        );
+        // C=0 U=1 F=0 and C=1 U=1 F=0: user's, else 403.
+        for p in [policy(false, true, false), policy(true, true, false)] {
+            assert_eq!(
+                pick(p, user()).unwrap(),
+                ("sk-user".into(), CredentialKind::Byok)
+            );
+            assert_eq!(pick(p, None).unwrap_err().kind, RefusalKind::KeyPolicy);
+        }
+        // C=1 U=1 F=1: user's, else central.
+        assert_eq!(
+            pick(policy(true, true, true), user()).unwrap().1,
+            CredentialKind::Byok
+        );
+        assert_eq!(
+            pick(policy(true, true, true), None).unwrap().1,
+            CredentialKind::Central
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! Tollgate: a governed gateway for LLM traffic.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; integration tests and benchmarks
+//! use the same modules. One module per concern: `config`, `gateway` (the request pipeline),
+//! `providers` (wire formats), `sse`, `clients`, `auth`, `governance`, `store`, `api`,
+//! `telemetry`, `server` (start-up and shutdown).
+
+pub mod api;
+pub mod auth;
+pub mod clients;
+pub mod config;
+pub mod gateway;
+pub mod governance;
+pub mod money;
+pub mod providers;
+pub mod server;
+pub mod sse;
+pub mod store;
+pub mod telemetry;

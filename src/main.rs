@@ -1,0 +1,161 @@
+//! The `tollgate` command line: serve, administer users and keys, check the config.
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate::config::Config;
+use tollgate::server;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A governed gateway for LLM traffic"
+)]
+struct Cli {
+    /// Config file (default: config/tollgate.toml if present, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every configured listener until SIGTERM/SIGINT (applies migrations first).
+    Serve,
+    /// Validate the config; print every problem with its key path.
+    CheckConfig,
+    /// Manage users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Manage Tollgate API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create a user (and any groups named that do not exist yet).
+    Create {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a user and print it once.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revoke a key by id (every replica refuses it within the key cache TTL, at most 5 s).
+    Revoke { id: Uuid },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::CheckConfig => {
+            println!("configuration ok ({} provider(s))", config.providers.len());
+            Ok(())
+        }
+        Command::Serve => {
+            tollgate::telemetry::init_logging(config.logging.structured, &config.logging.level);
+            server::serve(config)
+        }
+        Command::Users { command } => with_store(&config, |store| async move {
+            match command {
+                UsersCommand::Create {
+                    name,
+                    admin,
+                    groups,
+                } => {
+                    let user = store.create_user(&name, admin, &groups).await?;
+                    println!(
+                        "created user {} ({}){}",
+                        user.username,
+                        user.id,
+                        if admin { ", admin" } else { "" }
+                    );
+                }
+            }
+            Ok(())
+        }),
+        Command::Keys { command } => with_store(&config, |store| async move {
+            match command {
+                KeysCommand::Create { user, name } => {
+                    let user = store.find_user(&user).await?;
+                    let key = store.create_api_key(user.id, &name).await?;
+                    // The secret alone on stdout so scripts can capture it; the id on stderr.
+                    println!("{}", key.secret);
+                    eprintln!(
+                        "key id {} for user {} (shown once; only its hash is stored)",
+                        key.info.id, user.username
+                    );
+                }
+                KeysCommand::Revoke { id } => {
+                    if store.revoke_api_key(id).await? {
+                        println!("revoked key {id}");
+                    } else {
+                        anyhow::bail!("no active key with id {id}");
+                    }
+                }
+            }
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs an administrative command against the configured database (migrated first).
+fn with_store<F, Fut>(config: &Config, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tollgate::store::Store) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = server::open_store(config).await?;
+        f(store).await
+    })
+}

@@ -1,0 +1,194 @@
+//! Start-up and shutdown: the database, the background runtime, the listeners, pingora.
+//!
+//! pingora builds and owns its own runtimes and blocks in `Server::run`, so this is a plain
+//! function called from `main` (no `#[tokio::main]`). Tollgate's own async work (database pool,
+//! recorder, admin API) runs on a separate background runtime that outlives pingora's, so the
+//! recorder can drain every queued record after the listeners have stopped.
+//!
+//! Not here: request handling (gateway) or the admin routes (api).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+
+use crate::config::Config;
+use crate::gateway::{Gateway, GatewayState};
+use crate::store::{Recorder, Store};
+use crate::{api, telemetry};
+
+/// Runs every configured listener until SIGTERM (graceful) or SIGINT (fast), then drains the
+/// recorder. Migrations are applied first.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tollgate-bg")
+        .enable_all()
+        .build()
+        .context("cannot start the background runtime")?;
+
+    let store = background
+        .block_on(open_store(&config))
+        .with_context(|| format!("database {}", redact_url(&config.database.url)))?;
+    let (recorder, recorder_handle) = {
+        let _guard = background.enter();
+        Recorder::start(store.clone(), config.recorder)
+    };
+    let state = Arc::new(GatewayState::new(
+        config.clone(),
+        store,
+        background.handle().clone(),
+        recorder,
+        |name| std::env::var(name).ok(),
+    ));
+    warn_about_missing_keys(&state);
+    telemetry::prometheus();
+
+    let admin_listener = background
+        .block_on(tokio::net::TcpListener::bind(config.server.admin_listen))
+        .with_context(|| {
+            format!(
+                "cannot listen on server.admin_listen {}",
+                config.server.admin_listen
+            )
+        })?;
+    let admin_addr = admin_listener.local_addr()?;
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_router = api::router(state.clone());
+    background.spawn(async move {
+        let served = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(async {
+                let _ = admin_stopped.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+
+    let gateway_addr = reserve(config.server.gateway_listen, "server.gateway_listen")?;
+    let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
+    server.bootstrap();
+    let mut gateway = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(state.clone()),
+        "gateway",
+    );
+    let scheme = match &config.server.gateway_tls {
+        Some(tls) => {
+            gateway
+                .add_tls(
+                    &gateway_addr.to_string(),
+                    &tls.cert.to_string_lossy(),
+                    &tls.key.to_string_lossy(),
+                )
+                .map_err(|e| anyhow!("server.gateway_tls_cert/key: {e}"))?;
+            "https"
+        }
+        None => {
+            gateway.add_tcp(&gateway_addr.to_string());
+            "http"
+        }
+    };
+    server.add_service(gateway);
+
+    tracing::info!(listener = "gateway", addr = %gateway_addr, url = %format!("{scheme}://{gateway_addr}"), "listening");
+    tracing::info!(listener = "admin", addr = %admin_addr, url = %format!("http://{admin_addr}"), "listening");
+
+    server.run(RunArgs::default());
+
+    tracing::info!("listeners stopped; writing queued interceptions");
+    let _ = admin_stop.send(());
+    background.block_on(recorder_handle.drain());
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens the database and applies migrations; fails fast with a readable reason.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        Store::connect(&config.database.url, config.database.max_connections),
+    )
+    .await
+    .map_err(|_| anyhow!("timed out connecting"))??;
+    store.migrate().await?;
+    Ok(store)
+}
+
+fn pingora_conf(config: &Config) -> ServerConf {
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upstream_keepalive_pool_size: 512,
+        ..ServerConf::default()
+    };
+    // pingora's pid/upgrade files only matter for daemon mode and zero-downtime upgrades.
+    conf.pid_file = std::env::temp_dir()
+        .join("tollgate.pid")
+        .to_string_lossy()
+        .into_owned();
+    conf.upgrade_sock = std::env::temp_dir()
+        .join("tollgate_upgrade.sock")
+        .to_string_lossy()
+        .into_owned();
+    conf
+}
+
+/// Checks that `addr` can be bound now (pingora retries a busy port silently for 30 s and then
+/// panics its service thread), and turns port 0 into a concrete free port.
+fn reserve(addr: SocketAddr, key: &str) -> anyhow::Result<SocketAddr> {
+    let probe = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {key} {addr}"))?;
+    Ok(probe.local_addr()?)
+}
+
+fn warn_about_missing_keys(state: &GatewayState) {
+    let policy = state.config.keys;
+    for route in state.providers() {
+        let needs_central =
+            policy.central_api_key_enabled && route.kind != crate::providers::ProviderKind::Copilot;
+        if needs_central && route.central_key.is_none() {
+            let env = state
+                .config
+                .providers
+                .get(&route.name)
+                .and_then(|p| p.api_key_env.clone())
+                .unwrap_or_else(|| "(api_key_env not set)".into());
+            tracing::warn!(provider = %route.name, api_key_env = %env, "no central key in the environment; requests needing it will be refused");
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_passwords_are_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://tg:pw@localhost/tg"),
+            "postgres://tg:***@localhost/tg"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://data/t.db"),
+            "sqlite://data/t.db"
+        );
+    }
+}

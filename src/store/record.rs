@@ -1,0 +1,235 @@
+//! The interception record: one finished provider call, as it is written to the database.
+
+use chrono::{DateTime, Utc};
+use sqlx::SqlitePool;
+use uuid::Uuid;
+
+use super::{millis, StoreError};
+use crate::governance::pricing::ModelPrice;
+use crate::money::NanoUsd;
+use crate::providers::{Thought, TokenUsage, ToolCall};
+
+/// How an interception ended (contract values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InterceptionStatus {
+    Completed,
+    UpstreamError,
+    ClientAborted,
+    UpstreamAborted,
+    Timeout,
+}
+
+impl InterceptionStatus {
+    pub const ALL: [InterceptionStatus; 5] = [
+        InterceptionStatus::Completed,
+        InterceptionStatus::UpstreamError,
+        InterceptionStatus::ClientAborted,
+        InterceptionStatus::UpstreamAborted,
+        InterceptionStatus::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterceptionStatus::Completed => "completed",
+            InterceptionStatus::UpstreamError => "upstream_error",
+            InterceptionStatus::ClientAborted => "client_aborted",
+            InterceptionStatus::UpstreamAborted => "upstream_aborted",
+            InterceptionStatus::Timeout => "timeout",
+        }
+    }
+}
+
+/// Which provider key paid for the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    Central,
+    Byok,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Central => "central",
+            CredentialKind::Byok => "byok",
+        }
+    }
+}
+
+/// One finished interception with everything the contract records.
+#[derive(Debug, Clone)]
+pub struct InterceptionRecord {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub api_key_id: Option<Uuid>,
+    /// The route name (config table name).
+    pub provider: String,
+    pub provider_kind: &'static str,
+    pub endpoint: &'static str,
+    pub model: String,
+    pub response_model: Option<String>,
+    pub client: &'static str,
+    pub client_session_id: Option<String>,
+    /// Client session id, else thread root id, else own id.
+    pub session_key: String,
+    pub thread_parent_id: Option<Uuid>,
+    pub thread_root_id: Option<Uuid>,
+    pub credential_kind: CredentialKind,
+    pub credential_hint: Option<String>,
+    pub status: InterceptionStatus,
+    pub upstream_status: Option<u16>,
+    pub error: Option<String>,
+    pub streaming: bool,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    pub ttfb_ms: Option<u64>,
+    pub response_id: Option<String>,
+    pub usage: TokenUsage,
+    pub prompt: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
+    pub thoughts: Vec<Thought>,
+    pub cost: NanoUsd,
+    /// The prices the cost was computed with; `None` = unpriced model.
+    pub price: Option<ModelPrice>,
+}
+
+fn db_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// SQLite takes at most 32766 bound parameters per statement; child rows are inserted in
+/// multi-row statements sized well under that.
+const ROWS_PER_STATEMENT: usize = 200;
+
+pub(super) async fn insert_batch_sqlite(
+    pool: &SqlitePool,
+    batch: &[InterceptionRecord],
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT OR IGNORE INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
+             response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
+             credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
+             input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
+             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.id.to_string())
+                .push_bind(r.user_id.to_string())
+                .push_bind(r.api_key_id.map(|k| k.to_string()))
+                .push_bind(&r.provider)
+                .push_bind(r.provider_kind)
+                .push_bind(r.endpoint)
+                .push_bind(&r.model)
+                .push_bind(&r.response_model)
+                .push_bind(r.client)
+                .push_bind(&r.client_session_id)
+                .push_bind(&r.session_key)
+                .push_bind(r.thread_parent_id.map(|k| k.to_string()))
+                .push_bind(r.thread_root_id.map(|k| k.to_string()))
+                .push_bind(r.credential_kind.as_str())
+                .push_bind(&r.credential_hint)
+                .push_bind(r.status.as_str())
+                .push_bind(r.upstream_status.map(i64::from))
+                .push_bind(&r.error)
+                .push_bind(r.streaming)
+                .push_bind(millis(r.started_at))
+                .push_bind(millis(r.ended_at))
+                .push_bind(r.ttfb_ms.map(db_u64))
+                .push_bind(&r.response_id)
+                .push_bind(db_u64(r.usage.input))
+                .push_bind(db_u64(r.usage.output))
+                .push_bind(db_u64(r.usage.cache_read))
+                .push_bind(db_u64(r.usage.cache_write))
+                .push_bind(db_u64(r.usage.reasoning))
+                .push_bind(r.cost.0)
+                .push_bind(r.price.is_some())
+                .push_bind(r.price.as_ref().map(|p| p.input.0))
+                .push_bind(r.price.as_ref().map(|p| p.output.0))
+                .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
+                .push_bind(r.price.as_ref().map(|p| p.cache_write.0));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let usages: Vec<&InterceptionRecord> = batch
+        .iter()
+        .filter(|r| r.usage != TokenUsage::default())
+        .collect();
+    for chunk in usages.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
+             cache_write_input_tokens, reasoning_tokens, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.id.to_string())
+                .push_bind(&r.response_id)
+                .push_bind(db_u64(r.usage.input))
+                .push_bind(db_u64(r.usage.output))
+                .push_bind(db_u64(r.usage.cache_read))
+                .push_bind(db_u64(r.usage.cache_write))
+                .push_bind(db_u64(r.usage.reasoning))
+                .push_bind(millis(r.ended_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let prompts: Vec<(&InterceptionRecord, &String)> = batch
+        .iter()
+        .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
+        .collect();
+    for chunk in prompts.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (r, p)| {
+            b.push_bind(r.id.to_string())
+                .push_bind(&r.response_id)
+                .push_bind(*p)
+                .push_bind(millis(r.started_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
+        .iter()
+        .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
+        .collect();
+    for chunk in tools.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (r, t)| {
+            b.push_bind(r.id.to_string())
+                .push_bind(&r.response_id)
+                .push_bind(&t.id)
+                .push_bind(&t.name)
+                .push_bind(&t.input)
+                .push_bind(false)
+                .push_bind(millis(r.ended_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
+        .iter()
+        .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
+        .collect();
+    for chunk in thoughts.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (r, t)| {
+            b.push_bind(r.id.to_string())
+                .push_bind(&t.content)
+                .push_bind(t.source.as_str())
+                .push_bind(millis(r.ended_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,2 @@
+pub mod mock;
+pub mod server;

@@ -1,0 +1,263 @@
+//! Starts the real `tollgate` binary for a test: its own temp dir, SQLite file and config, ports
+//! chosen by the binary itself (port 0, read back from its "listening" log lines), stdout
+//! captured so tests can inspect the structured logs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::SqlitePool;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// The central keys the test config hands to providers (they must never reach a client or log).
+pub const OPENAI_CENTRAL_KEY: &str = "sk-central-openai-0123456789abcdef";
+pub const ANTHROPIC_CENTRAL_KEY: &str = "sk-ant-central-0123456789abcdef";
+
+pub struct TollgateBuilder {
+    providers: Vec<(String, String, String)>,
+    extra: String,
+    env: Vec<(String, String)>,
+}
+
+impl TollgateBuilder {
+    /// Adds `[providers.NAME]` of `kind` pointing at `base_url`.
+    pub fn provider(mut self, name: &str, kind: &str, base_url: &str) -> Self {
+        self.providers
+            .push((name.into(), kind.into(), base_url.into()));
+        self
+    }
+
+    /// Extra TOML appended to the config (other sections).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub async fn start(self) -> Tollgate {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db_path = dir.path().join("tollgate.db");
+        let mut config = format!(
+            "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrace_period_seconds = 0\n\n\
+             [database]\nurl = \"sqlite://{}\"\n\n[auth]\nkey_cache_ttl_ms = 1000\n\n",
+            db_path.display()
+        );
+        for (name, kind, url) in &self.providers {
+            let env = match kind.as_str() {
+                "anthropic" => "\napi_key_env = \"TEST_ANTHROPIC_KEY\"",
+                "copilot" => "",
+                _ => "\napi_key_env = \"TEST_OPENAI_KEY\"",
+            };
+            config.push_str(&format!(
+                "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"{env}\n\n"
+            ));
+        }
+        config.push_str(&self.extra);
+        let config_path = dir.path().join("tollgate.toml");
+        std::fs::write(&config_path, &config).expect("write config");
+
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .env("TEST_OPENAI_KEY", OPENAI_CENTRAL_KEY)
+            .env("TEST_ANTHROPIC_KEY", ANTHROPIC_CENTRAL_KEY)
+            .env_remove("TOLLGATE_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        let logs = Arc::new(Mutex::new(Vec::<String>::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut tg = Tollgate {
+            child,
+            dir,
+            db_path,
+            config_path,
+            logs,
+            gateway: String::new(),
+            admin: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (gw, admin) = tg.listener_urls();
+            if let (Some(gw), Some(admin)) = (gw, admin) {
+                tg.gateway = gw;
+                tg.admin = admin;
+                break;
+            }
+            if let Ok(Some(status)) = tg.child.try_wait() {
+                panic!(
+                    "tollgate exited early with {status}:\n{}",
+                    tg.logs().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not start:\n{}",
+                tg.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // pingora binds after the log line; wait until the gateway port accepts.
+        let addr = tg.gateway.trim_start_matches("http://").to_string();
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(Instant::now() < deadline, "gateway port never opened");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tg
+    }
+}
+
+pub struct Tollgate {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub db_path: PathBuf,
+    pub config_path: PathBuf,
+    logs: Arc<Mutex<Vec<String>>>,
+    /// `http://127.0.0.1:PORT` of the gateway listener.
+    pub gateway: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+}
+
+impl Tollgate {
+    pub fn builder() -> TollgateBuilder {
+        TollgateBuilder {
+            providers: Vec::new(),
+            extra: String::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn listener_urls(&self) -> (Option<String>, Option<String>) {
+        let mut gw = None;
+        let mut admin = None;
+        for line in self.logs().iter() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["message"] != "listening" {
+                continue;
+            }
+            let url = v["url"].as_str().map(String::from);
+            match v["listener"].as_str() {
+                Some("gateway") => gw = url,
+                Some("admin") => admin = url,
+                _ => {}
+            }
+        }
+        (gw, admin)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Runs a `tollgate` CLI command against this instance's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run tollgate cli")
+    }
+
+    /// Creates a user through the CLI and returns a fresh key for it.
+    pub fn user_key(&self, name: &str) -> String {
+        let out = self.cli(&["users", "create", name]);
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
+            "{out:?}"
+        );
+        let out = self.cli(&["keys", "create", "--user", name]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub async fn db(&self) -> SqlitePool {
+        let opts = SqliteConnectOptions::new()
+            .filename(&self.db_path)
+            .read_only(true);
+        SqlitePool::connect_with(opts).await.expect("open test db")
+    }
+
+    /// Waits until the recorder has written at least `n` interceptions.
+    pub async fn wait_for_interceptions(&self, n: i64) -> SqlitePool {
+        let pool = self.db().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM interceptions")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0);
+            if count >= n {
+                return pool;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {count} of {n} interceptions recorded:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit; returns the exit status success.
+    pub async fn stop(mut self) -> (bool, Vec<String>) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ok = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (ok, self.logs())
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
