@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::governance::pricing::ModelPrice;
 use crate::money::NanoUsd;
 use crate::providers::ProviderKind;
 
@@ -29,6 +30,7 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub proxy: ProxyConfig,
     pub keys: KeyPolicyConfig,
+    pub vault: VaultConfig,
     pub budgets: BudgetConfig,
     pub limits: LimitsConfig,
     pub seats: SeatsConfig,
@@ -36,6 +38,16 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub recorder: RecorderConfig,
     pub auth: AuthConfig,
+    /// Operator price overrides from `[[pricing.models]]` (they win over the shipped book).
+    pub pricing: Vec<PriceOverride>,
+}
+
+/// One `[[pricing.models]]` entry: prices in nano-USD per million tokens.
+#[derive(Debug, Clone)]
+pub struct PriceOverride {
+    pub provider: String,
+    pub model: String,
+    pub price: ModelPrice,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +180,13 @@ pub struct KeyPolicyConfig {
     pub allow_central_api_key_fallback: bool,
 }
 
+/// Where the vault key for stored personal provider keys lives when `TOLLGATE_SECRET_KEY` is
+/// not set.
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub secret_key_file: PathBuf,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetPeriod {
     Day,
@@ -205,6 +224,8 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct SeatsConfig {
     pub limit: Option<u32>,
+    /// A user holds a seat while their last interception is at most this many days old.
+    pub active_days: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -413,6 +434,7 @@ impl<'p> Reader<'p> {
             "logging",
             "recorder",
             "auth",
+            "pricing",
         ];
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -428,15 +450,21 @@ impl<'p> Reader<'p> {
         let proxy = self.proxy(&proxy_table);
         let keys_table = self.section(root, "keys");
         let keys = self.keys(&keys_table);
+        let vault = VaultConfig {
+            secret_key_file: self.string(&keys_table, "keys", "secret_key_file", "data/secret.key").into(),
+        };
+        let pricing = self.pricing(root);
         let budgets = self.budgets(root);
         let limits_table = self.section(root, "limits");
         let limits = self.limits(&limits_table);
         let seats = {
             let t = self.section(root, "seats");
             let limit = self.opt_int(&t, "seats", "limit", 1, u32::MAX as i64);
-            self.unknown_keys(&t, "seats", &["limit"]);
+            let active_days = self.int(&t, "seats", "active_days", 30, 1, 3650);
+            self.unknown_keys(&t, "seats", &["limit", "active_days"]);
             SeatsConfig {
                 limit: limit.map(|v| v as u32),
+                active_days: active_days as u32,
             }
         };
         let retention = {
@@ -490,6 +518,7 @@ impl<'p> Reader<'p> {
             providers,
             proxy,
             keys,
+            vault,
             budgets,
             limits,
             seats,
@@ -497,7 +526,84 @@ impl<'p> Reader<'p> {
             logging,
             recorder,
             auth,
+            pricing,
         }
+    }
+
+    fn pricing(&mut self, root: &Table) -> Vec<PriceOverride> {
+        let t = self.section(root, "pricing");
+        self.unknown_keys(&t, "pricing", &["models"]);
+        let items = match t.get("models") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items.clone(),
+            Some(_) => {
+                self.problem("pricing.models", "expected [[pricing.models]] tables");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("pricing.models[{i}]");
+            let Value::Table(m) = item else {
+                self.problem(&path, "must be a table");
+                continue;
+            };
+            let Some(model) = self.opt_string(m, &path, "model") else {
+                self.problem(format!("{path}.model"), "required");
+                continue;
+            };
+            let amount = |this: &mut Self, key: &str, required: bool| -> Option<NanoUsd> {
+                match this.opt_string(m, &path, key) {
+                    None if required => {
+                        this.problem(format!("{path}.{key}"), "required (USD per million tokens, a decimal string)");
+                        None
+                    }
+                    None => Some(NanoUsd(0)),
+                    Some(v) => match NanoUsd::parse_usd(&v) {
+                        Ok(n) if n.0 >= 0 => Some(n),
+                        Ok(_) => {
+                            this.problem(format!("{path}.{key}"), "must not be negative");
+                            None
+                        }
+                        Err(e) => {
+                            this.problem(format!("{path}.{key}"), format!("{v:?}: {e}"));
+                            None
+                        }
+                    },
+                }
+            };
+            let input = amount(self, "input", true);
+            let output = amount(self, "output", true);
+            let cache_read = match m.get("cache_read") {
+                None => input,
+                Some(_) => amount(self, "cache_read", false),
+            };
+            let cache_write = match m.get("cache_write") {
+                None => input,
+                Some(_) => amount(self, "cache_write", false),
+            };
+            let output_limit = self.opt_int(m, &path, "output_limit", 1, i64::MAX).map(|v| v as u64);
+            let provider = self.string(m, &path, "provider", "");
+            self.unknown_keys(
+                m,
+                &path,
+                &["model", "provider", "input", "output", "cache_read", "cache_write", "output_limit"],
+            );
+            if let (Some(input), Some(output), Some(cache_read), Some(cache_write)) = (input, output, cache_read, cache_write) {
+                out.push(PriceOverride {
+                    provider,
+                    model,
+                    price: ModelPrice {
+                        input,
+                        output,
+                        cache_read,
+                        cache_write,
+                        output_limit,
+                    },
+                });
+            }
+        }
+        out
     }
 
     fn section(&mut self, root: &Table, name: &str) -> Table {

@@ -16,6 +16,7 @@ use pingora::server::{RunArgs, Server};
 
 use crate::config::Config;
 use crate::gateway::{Gateway, GatewayState};
+use crate::governance::keyvault::KeyVault;
 use crate::store::{Recorder, Store};
 use crate::{api, telemetry};
 
@@ -37,13 +38,27 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         let _guard = background.enter();
         Recorder::start(store.clone(), config.recorder)
     };
+    let vault = if config.keys.allow_user_api_key {
+        let secret = std::env::var("TOLLGATE_SECRET_KEY").ok();
+        Some(
+            KeyVault::load(secret.as_deref(), &config.vault.secret_key_file)
+                .context("cannot open the key vault for stored provider keys")?,
+        )
+    } else {
+        None
+    };
     let state = Arc::new(GatewayState::new(
         config.clone(),
         store,
         background.handle().clone(),
         recorder,
+        vault,
         |name| std::env::var(name).ok(),
     ));
+    background
+        .block_on(state.governance.refresh(&state.store, chrono::Utc::now()))
+        .context("cannot load budgets and prices")?;
+    background.spawn(refresh_governance(state.clone()));
     warn_about_missing_keys(&state);
     telemetry::prometheus();
 
@@ -117,6 +132,28 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     .map_err(|_| anyhow!("timed out connecting"))??;
     store.migrate().await?;
     Ok(store)
+}
+
+/// Every couple of seconds: caps and prices from the store (changes made through another
+/// replica or the CLI), the ledger on period roll-over, and the seat gauges.
+async fn refresh_governance(state: Arc<GatewayState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = chrono::Utc::now();
+        if let Err(e) = state.governance.refresh(&state.store, now).await {
+            tracing::warn!(error = %e, "governance refresh failed; keeping the last known caps and prices");
+        }
+        let active_since = now - chrono::Duration::days(i64::from(state.config.seats.active_days));
+        match state.store.active_seat_count(active_since).await {
+            Ok(n) => {
+                metrics::gauge!(telemetry::metric::SEATS_USED).set(f64::from(n));
+                metrics::gauge!(telemetry::metric::SEATS_LIMIT).set(f64::from(state.config.seats.limit.unwrap_or(0)));
+            }
+            Err(e) => tracing::warn!(error = %e, "seat count failed"),
+        }
+    }
 }
 
 fn pingora_conf(config: &Config) -> ServerConf {

@@ -26,7 +26,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
-use parking_lot::RwLock;
 use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession as UpstreamSession;
@@ -38,7 +37,11 @@ use uuid::Uuid;
 use crate::auth::{presented_key, KeyCache, KeySource};
 use crate::clients::{self, ClientInfo};
 use crate::config::{Config, KeyPolicyConfig};
+use crate::governance::budget::LimitScope;
+use crate::governance::keyvault::KeyVault;
+use crate::governance::limits::ConcurrencyPermit;
 use crate::governance::pricing::{self, PriceBook};
+use crate::governance::{Admission, Denial, Governance};
 use crate::money::NanoUsd;
 use crate::providers::{
     CredentialHeader, Endpoint, ErrorFormat, ParsedRequest, ProviderKind, ResponseParser,
@@ -65,7 +68,10 @@ pub struct GatewayState {
     /// The runtime that owns the database pool; cache misses run there.
     pub db: tokio::runtime::Handle,
     recorder: Recorder,
-    prices: RwLock<Arc<PriceBook>>,
+    pub governance: Governance,
+    /// Decrypts stored personal provider keys (present when user keys are allowed).
+    pub vault: Option<KeyVault>,
+    stored_keys: StoredKeyCache,
     dns: Arc<DnsCache>,
     connector: Connector,
     threads: ThreadIndex,
@@ -77,6 +83,7 @@ impl GatewayState {
         store: Store,
         db: tokio::runtime::Handle,
         recorder: Recorder,
+        vault: Option<KeyVault>,
         env: impl Fn(&str) -> Option<String>,
     ) -> GatewayState {
         let providers = config
@@ -95,7 +102,9 @@ impl GatewayState {
             store,
             db,
             recorder,
-            prices: RwLock::new(Arc::new(PriceBook::builtin())),
+            governance: Governance::new(&config),
+            vault,
+            stored_keys: StoredKeyCache::new(config.auth.key_cache_ttl),
             dns: DnsCache::new(Duration::from_secs(30)),
             connector: Connector::new(None),
             threads: ThreadIndex::new(100_000),
@@ -112,7 +121,22 @@ impl GatewayState {
     }
 
     pub fn prices(&self) -> Arc<PriceBook> {
-        self.prices.read().clone()
+        self.governance.prices()
+    }
+
+    /// Called by the management API after it changed users, groups, keys, budgets or prices,
+    /// so this replica applies the change at once (other replicas pick it up on refresh).
+    pub async fn governance_changed(&self) {
+        self.keys.clear();
+        self.stored_keys.clear();
+        if let Err(e) = self.governance.refresh(&self.store, Utc::now()).await {
+            tracing::warn!(error = %e, "governance refresh after a change failed; retrying on the next tick");
+        }
+    }
+
+    /// Forgets a user's cached stored provider key (after it was replaced or deleted).
+    pub fn stored_key_changed(&self) {
+        self.stored_keys.clear();
     }
 }
 
@@ -143,6 +167,8 @@ impl Gateway {
 #[derive(Default)]
 pub struct RequestCtx {
     interception: Option<OpenInterception>,
+    /// The user's concurrency slot, released when the request ends.
+    _permit: Option<ConcurrencyPermit>,
 }
 
 /// An interception between its start and its record.
@@ -158,6 +184,7 @@ struct OpenInterception {
     thread: Option<ThreadLink>,
     credential_kind: CredentialKind,
     credential_hint: Option<String>,
+    admission: Option<Admission>,
     parser: Option<Box<dyn ResponseParser>>,
     /// What the parser found, once the response is complete (or cut).
     summary: Option<ResponseSummary>,
@@ -280,12 +307,11 @@ impl Gateway {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Stop> {
         let routed = self.route(session)?;
         let (principal, key_source) = self.authenticate(session, &routed.route).await?;
+        ctx._permit = Some(self.state.governance.check_rate(principal.user_id).map_err(denial_refusal)?);
         let body = read_body(session, self.state.config.limits.max_body_bytes).await?;
-        let credential = self.credential(
-            &routed.route,
-            session.req_header().headers.clone(),
-            key_source,
-        )?;
+        let credential = self
+            .credential(&routed.route, &session.req_header().headers, key_source, &principal)
+            .await?;
         let endpoint = match routed.target {
             RouteMatch::Intercept(endpoint) => endpoint,
             RouteMatch::Passthrough => {
@@ -309,9 +335,15 @@ impl Gateway {
             Some(rewritten) => Bytes::from(rewritten),
             None => body,
         };
-        let open = self
+        let admission = self
+            .state
+            .governance
+            .admit(&principal, &request.model, body_len(&upstream_body), request.max_output_tokens, Utc::now())
+            .map_err(denial_refusal)?;
+        let mut open = self
             .open_interception(session, &routed, endpoint, request, principal, &credential)
             .await;
+        open.admission = Some(admission);
         ctx.interception = Some(open);
         self.exchange(
             session,
@@ -413,11 +445,12 @@ impl Gateway {
     }
 
     /// Phase 4: the key policy (contract truth table) picks the upstream credential.
-    fn credential(
+    async fn credential(
         &self,
         route: &ProviderRoute,
-        headers: HeaderMap,
+        headers: &HeaderMap,
         source: KeySource,
+        principal: &Principal,
     ) -> Result<Credential, Refusal> {
         let text = |name: &str| {
             headers
@@ -451,12 +484,48 @@ impl Gateway {
         } else {
             None
         };
+        // A key the user stored is the fallback for one sent with the request.
+        let user_key = match user_key {
+            Some(k) => Some(k),
+            None if self.state.config.keys.allow_user_api_key => self.stored_key(principal.user_id, &route.name).await,
+            None => None,
+        };
         choose_credential(
             self.state.config.keys,
             user_key,
             route.central_key.as_deref(),
             &route.name,
         )
+    }
+
+    /// The user's stored provider key for `provider`, decrypted (cached briefly).
+    async fn stored_key(&self, user: Uuid, provider: &str) -> Option<String> {
+        let vault = self.state.vault.as_ref()?;
+        if let Some(hit) = self.state.stored_keys.get(user, provider) {
+            return hit;
+        }
+        let store = self.state.store.clone();
+        let name = provider.to_string();
+        let sealed = self
+            .state
+            .db
+            .spawn(async move { store.sealed_provider_key(user, &name).await })
+            .await
+            .ok()
+            .and_then(|r| r.map_err(|e| tracing::error!(error = %e, "stored key lookup failed")).ok())
+            .flatten();
+        let key = sealed.and_then(|row| {
+            let sealed = crate::governance::keyvault::Sealed {
+                nonce: row.nonce,
+                ciphertext: row.ciphertext,
+            };
+            vault
+                .open(&user.to_string(), provider, &sealed)
+                .map_err(|e| tracing::error!(error = %e, provider, "stored provider key unusable"))
+                .ok()
+        });
+        self.state.stored_keys.put(user, provider, key.clone());
+        key
     }
 
     /// Phase 5: the interception starts: who, which client and session, which thread.
@@ -486,6 +555,7 @@ impl Gateway {
             thread,
             credential_kind: credential.kind,
             credential_hint: credential.key.as_deref().map(mask_secret),
+            admission: None,
             parser: None,
             summary: None,
             streaming: false,
@@ -627,6 +697,10 @@ impl Gateway {
         }
         if let Some(o) = open.as_deref() {
             let _ = downstream_head.insert_header("x-tollgate-interception-id", o.id.to_string());
+            let view = self.state.governance.budget_view(o.principal.user_id, &o.principal.group_ids, Utc::now());
+            for (name, value) in budget_headers(&view) {
+                let _ = downstream_head.insert_header(name, value);
+            }
         }
         // Without a length, HTTP/1.1 must be chunked: a close-delimited body would make a cut
         // stream look complete to the client.
@@ -838,15 +912,18 @@ impl Gateway {
         let summary = open.summary.take().unwrap_or_default();
         let status = open.status.unwrap_or(InterceptionStatus::ClientAborted);
         let usage = summary.usage.unwrap_or_default();
-        let prices = self.state.prices();
-        let price = prices
-            .lookup(&open.request.model)
-            .or_else(|| summary.model.as_deref().and_then(|m| prices.lookup(m)))
-            .cloned();
+        let admission = open.admission.take();
+        let price = admission.as_ref().and_then(|a| a.price).or_else(|| {
+            let prices = self.state.prices();
+            summary.model.as_deref().and_then(|m| prices.lookup(m)).copied()
+        });
         let cost = price
             .as_ref()
             .map(|p| pricing::cost(&usage, p))
             .unwrap_or(NanoUsd(0));
+        if let Some(a) = admission {
+            self.state.governance.settle(a, cost);
+        }
         let error = open.error.take().or_else(|| {
             (!open.error_body.is_empty())
                 .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
@@ -923,7 +1000,7 @@ impl Gateway {
             status = refusal.status(),
             reason = refusal.kind.reason(),
             path = %session.req_header().uri.path(),
-            message = %refusal.message,
+            detail = %refusal.message,
             "request refused"
         );
         let body = Bytes::from(refusal.body(format));
@@ -943,6 +1020,108 @@ impl Gateway {
         {
             let _ = session.write_response_body(Some(body), true).await;
         }
+    }
+}
+
+/// Renders a governance denial as the contract's refusal (429, 402, 403).
+fn denial_refusal(denial: Denial) -> Refusal {
+    match denial {
+        Denial::RateLimited { retry_after } => {
+            let secs = retry_after.as_secs().max(1);
+            Refusal::new(
+                RefusalKind::RateLimited,
+                format!("rate limit reached: too many requests per minute for this user; retry in {secs} s"),
+            )
+            .with_header("retry-after", secs.to_string())
+        }
+        Denial::TooManyInFlight { limit } => Refusal::new(
+            RefusalKind::RateLimited,
+            format!("too many concurrent requests: at most {limit} may be in flight per user"),
+        )
+        .with_header("retry-after", "1"),
+        Denial::Budget { refusal, reset } => {
+            let scope = match &refusal.scope {
+                LimitScope::User => "your user limit".to_string(),
+                LimitScope::Group(name) => format!("the limit of group {name}"),
+                LimitScope::Default => "the default limit".to_string(),
+            };
+            let reset = reset.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let message = if refusal.spent >= refusal.cap {
+                format!(
+                    "spend cap reached: ${} of ${} spent this period ({scope}); the budget resets at {reset}",
+                    refusal.spent, refusal.cap
+                )
+            } else {
+                format!(
+                    "spend cap reached: ${} spent and ${} reserved by your in-flight requests, of ${} ({scope}); the budget resets at {reset}",
+                    refusal.spent, refusal.reserved, refusal.cap
+                )
+            };
+            Refusal::new(RefusalKind::BudgetExceeded, message)
+                .with_header("x-tollgate-budget-reset", reset)
+                .with_header("x-tollgate-budget-scope", refusal.scope.as_str())
+                .with_header("x-tollgate-budget-limit", refusal.cap.to_string())
+                .with_header("x-tollgate-budget-spent", refusal.spent.to_string())
+        }
+        Denial::Unpriced { model } => Refusal::new(
+            RefusalKind::Unpriced,
+            format!("model {model} has no price, and this gateway refuses unpriced models (budgets.unpriced = \"deny\")"),
+        ),
+    }
+}
+
+/// `x-tollgate-budget-*` headers on every intercepted response.
+pub fn budget_headers(view: &crate::governance::BudgetView) -> [(&'static str, String); 5] {
+    [
+        ("x-tollgate-budget-limit", view.cap.map(|c| c.to_string()).unwrap_or_else(|| "none".into())),
+        ("x-tollgate-budget-spent", view.spent.to_string()),
+        (
+            "x-tollgate-budget-remaining",
+            view.remaining().map(|r| r.to_string()).unwrap_or_else(|| "unlimited".into()),
+        ),
+        ("x-tollgate-budget-scope", view.scope.as_ref().map(|s| s.as_str()).unwrap_or("none").to_string()),
+        ("x-tollgate-budget-reset", view.reset.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+    ]
+}
+
+fn body_len(body: &Bytes) -> u64 {
+    body.len() as u64
+}
+
+/// A decrypted key (or "none stored") and when it was looked up.
+type CachedStoredKey = (Option<String>, Instant);
+
+/// Decrypted stored provider keys per (user, provider), trusted for the key cache TTL so a
+/// BYOK user does not cost a database round trip per request.
+struct StoredKeyCache {
+    entries: parking_lot::Mutex<HashMap<(Uuid, String), CachedStoredKey>>,
+    ttl: Duration,
+}
+
+impl StoredKeyCache {
+    fn new(ttl: Duration) -> StoredKeyCache {
+        StoredKeyCache {
+            entries: parking_lot::Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    fn get(&self, user: Uuid, provider: &str) -> Option<Option<String>> {
+        let entries = self.entries.lock();
+        let (key, at) = entries.get(&(user, provider.to_string()))?;
+        (at.elapsed() < self.ttl).then(|| key.clone())
+    }
+
+    fn put(&self, user: Uuid, provider: &str, key: Option<String>) {
+        let mut entries = self.entries.lock();
+        if entries.len() > 100_000 {
+            entries.clear();
+        }
+        entries.insert((user, provider.to_string()), (key, Instant::now()));
+    }
+
+    fn clear(&self) {
+        self.entries.lock().clear();
     }
 }
 

@@ -1,3 +1,223 @@
 //! Governance: pricing and cost, spend caps, rate limits, key policy, seats.
+//!
+//! [`Governance`] is the one front door the gateway calls: `check_rate` before the body is read
+//! (requests per minute, concurrency), `admit` once the model is known (price, budget
+//! reservation), `settle` when the interception ends. Every decision is made in memory; the
+//! background refresher (`refresh`) pulls caps and price overrides from the store every few
+//! seconds and reloads spend when a period rolls over.
+//!
+//! Not here: rendering refusals (the gateway does, in the provider's format) or SQL (store).
 
+pub mod budget;
+pub mod keyvault;
+pub mod ledger;
+pub mod limits;
 pub mod pricing;
+pub mod seats;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parking_lot::RwLock;
+use uuid::Uuid;
+
+use crate::config::{BudgetConfig, Config, PriceOverride, UnpricedPolicy};
+use crate::money::NanoUsd;
+use crate::store::{Principal, Store, StoreError};
+use budget::{BudgetLimits, LimitScope};
+use ledger::{BudgetRefusal, Reservation, SpendLedger};
+use limits::{ConcurrencyLimiter, ConcurrencyPermit, RateLimiter};
+use pricing::{ModelPrice, PriceBook};
+
+/// Why governance said no.
+#[derive(Debug)]
+pub enum Denial {
+    RateLimited { retry_after: Duration },
+    TooManyInFlight { limit: u32 },
+    Budget { refusal: BudgetRefusal, reset: DateTime<Utc> },
+    Unpriced { model: String },
+}
+
+/// A user's budget as the response headers and `/users/me/budget` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetView {
+    pub cap: Option<NanoUsd>,
+    pub scope: Option<LimitScope>,
+    pub spent: NanoUsd,
+    pub reserved: NanoUsd,
+    pub period_start: DateTime<Utc>,
+    pub reset: DateTime<Utc>,
+}
+
+impl BudgetView {
+    pub fn remaining(&self) -> Option<NanoUsd> {
+        self.cap.map(|c| NanoUsd(c.0.saturating_sub(self.spent.0).max(0)))
+    }
+}
+
+/// What an admitted request carries until it ends.
+#[derive(Debug)]
+pub struct Admission {
+    reservation: Option<Reservation>,
+    pub price: Option<ModelPrice>,
+}
+
+/// Per-replica governance state.
+pub struct Governance {
+    budgets: BudgetConfig,
+    config_prices: Vec<PriceOverride>,
+    limits: RwLock<Arc<BudgetLimits>>,
+    prices: RwLock<Arc<PriceBook>>,
+    ledger: SpendLedger,
+    rate: RateLimiter,
+    concurrency: ConcurrencyLimiter,
+    /// Start of the period the ledger was last hydrated for.
+    hydrated_period: RwLock<Option<DateTime<Utc>>>,
+}
+
+impl Governance {
+    pub fn new(config: &Config) -> Governance {
+        let limits = BudgetLimits {
+            default: config.budgets.default_limit,
+            groups: HashMap::new(),
+            users: HashMap::new(),
+            policy: config.budgets.group_policy,
+        };
+        let gov = Governance {
+            budgets: config.budgets.clone(),
+            config_prices: config.pricing.clone(),
+            limits: RwLock::new(Arc::new(limits)),
+            prices: RwLock::new(Arc::new(PriceBook::builtin())),
+            ledger: SpendLedger::new(),
+            rate: RateLimiter::new(config.limits.requests_per_minute),
+            concurrency: ConcurrencyLimiter::new(config.limits.max_concurrent),
+            hydrated_period: RwLock::new(None),
+        };
+        gov.apply_prices(&[]);
+        gov
+    }
+
+    pub fn prices(&self) -> Arc<PriceBook> {
+        self.prices.read().clone()
+    }
+
+    /// Request rate and concurrency, checked before the body is read. The permit is held until
+    /// the request ends.
+    pub fn check_rate(&self, user: Uuid) -> Result<ConcurrencyPermit, Denial> {
+        self.rate
+            .check(user)
+            .map_err(|retry_after| Denial::RateLimited { retry_after })?;
+        self.concurrency
+            .acquire(user)
+            .map_err(|e| Denial::TooManyInFlight { limit: e.limit })
+    }
+
+    /// Price and budget for an intercepted request: reserves an estimate of its cost (prompt
+    /// bytes and `max_tokens`, else the model's output limit, at the model's prices).
+    pub fn admit(
+        &self,
+        principal: &Principal,
+        model: &str,
+        prompt_bytes: u64,
+        max_output_tokens: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<Admission, Denial> {
+        let price = self.prices().lookup(model).copied();
+        if price.is_none() && self.budgets.unpriced == UnpricedPolicy::Deny {
+            return Err(Denial::Unpriced { model: model.to_string() });
+        }
+        let limits = self.limits.read().clone();
+        let cap = budget::resolve_cap(&limits, principal.user_id, &principal.group_ids);
+        let (period_start, reset) = budget::period_bounds(self.budgets.period, now);
+        let estimate = match &price {
+            Some(p) => {
+                let output = max_output_tokens.or(p.output_limit).unwrap_or(4096);
+                pricing::estimate(prompt_bytes, output, p)
+            }
+            // Unpriced (allowed) models cost nothing as far as the budget can tell.
+            None => NanoUsd(0),
+        };
+        let reservation = self
+            .ledger
+            .try_reserve(principal.user_id, cap, estimate, period_start)
+            .map_err(|refusal| Denial::Budget { refusal, reset })?;
+        Ok(Admission {
+            reservation: Some(reservation),
+            price,
+        })
+    }
+
+    /// Charges the real cost and releases the reservation.
+    pub fn settle(&self, mut admission: Admission, cost: NanoUsd) {
+        if let Some(r) = admission.reservation.take() {
+            self.ledger.settle(r, cost);
+        }
+    }
+
+    /// The user's cap, spend and reset time right now.
+    pub fn budget_view(&self, user: Uuid, group_ids: &[Uuid], now: DateTime<Utc>) -> BudgetView {
+        let limits = self.limits.read().clone();
+        let resolved = budget::resolve_cap(&limits, user, group_ids);
+        let (period_start, reset) = budget::period_bounds(self.budgets.period, now);
+        let (spent, reserved) = self.ledger.snapshot(user);
+        BudgetView {
+            cap: resolved.as_ref().map(|(c, _)| *c),
+            scope: resolved.map(|(_, s)| s),
+            spent,
+            reserved,
+            period_start,
+            reset,
+        }
+    }
+
+    /// Reloads caps and price overrides from the store, and the ledger when the period rolled
+    /// over (or on first run). Called at start and every few seconds.
+    pub async fn refresh(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let rows = store.spend_limits().await?;
+        let mut limits = BudgetLimits {
+            default: self.budgets.default_limit,
+            groups: HashMap::new(),
+            users: HashMap::new(),
+            policy: self.budgets.group_policy,
+        };
+        for row in rows {
+            match (row.scope.as_str(), row.scope_id) {
+                ("default", _) => limits.default = Some(row.limit),
+                ("group", Some(id)) => {
+                    limits.groups.insert(id, (row.group_name.unwrap_or_else(|| id.to_string()), row.limit));
+                }
+                ("user", Some(id)) => {
+                    limits.users.insert(id, row.limit);
+                }
+                _ => {}
+            }
+        }
+        *self.limits.write() = Arc::new(limits);
+        let overrides = store.price_overrides().await?;
+        self.apply_prices(&overrides);
+
+        let (period_start, _) = budget::period_bounds(self.budgets.period, now);
+        let stale = self.hydrated_period.read().is_none_or(|p| p < period_start);
+        if stale {
+            let spent = store.spend_since(period_start).await?;
+            self.ledger.hydrate(period_start, spent);
+            *self.hydrated_period.write() = Some(period_start);
+        }
+        self.rate.retain_recent();
+        Ok(())
+    }
+
+    /// Shipped price book, then `[[pricing.models]]` from the config, then the store's overrides.
+    fn apply_prices(&self, store_overrides: &[crate::store::PriceOverrideRow]) {
+        let mut book = PriceBook::builtin();
+        for o in &self.config_prices {
+            book.insert(&o.provider, &o.model, o.price);
+        }
+        for o in store_overrides {
+            book.insert(&o.provider, &o.model, o.price);
+        }
+        *self.prices.write() = Arc::new(book);
+    }
+}

@@ -7,8 +7,11 @@
 //! Not here: deciding anything (auth, budgets, routing). The store answers questions and writes
 //! what it is given.
 
+mod governance;
+mod queries;
 mod record;
 mod recorder;
+mod retention;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -21,8 +24,15 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
+pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
 pub use record::{CredentialKind, InterceptionRecord, InterceptionStatus};
 pub use recorder::{Recorder, RecorderHandle};
+pub use queries::{
+    GroupDetail, GroupRef, InterceptionFilter, InterceptionPage, InterceptionRow, PriceOverride,
+    PromptRow, Queries, SeatHolderRow, SessionCursor, SessionPage, SessionSummary, SpendLimitEntry,
+    SpendScope, ThoughtRow, ToolUsageRow, UsageFilter, UsageGroupBy, UsageRow, UsageSums, UserDetail,
+};
+pub use retention::{purge_once, run_retention, spawn_retention, RETENTION_PURGED_TOTAL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -168,8 +178,7 @@ impl Store {
         Ok(())
     }
 
-    #[cfg(test)]
-    pub(crate) fn sqlite(&self) -> &SqlitePool {
+    pub(crate) fn sqlite_pool(&self) -> &SqlitePool {
         &self.pool
     }
 
@@ -433,7 +442,7 @@ mod tests {
             .is_none());
         // the secret itself is nowhere in the database
         let hashes: Vec<String> = sqlx::query_scalar("SELECT secret_hash || hint FROM api_keys")
-            .fetch_all(store.sqlite())
+            .fetch_all(store.sqlite_pool())
             .await
             .unwrap();
         assert!(hashes.iter().all(|h| !h.contains(&key.secret[3..])));

@@ -230,6 +230,25 @@ pub(super) async fn insert_batch_sqlite(
         });
         qb.build().execute(&mut *tx).await?;
     }
+    // Seat holders: first and last use per user in this batch.
+    let mut seats: std::collections::HashMap<Uuid, (i64, i64)> = std::collections::HashMap::new();
+    for r in batch {
+        let e = seats.entry(r.user_id).or_insert((i64::MAX, i64::MIN));
+        e.0 = e.0.min(millis(r.started_at));
+        e.1 = e.1.max(millis(r.ended_at));
+    }
+    let seats: Vec<(Uuid, (i64, i64))> = seats.into_iter().collect();
+    for chunk in seats.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ");
+        qb.push_values(chunk, |mut b, (user, (first, last))| {
+            b.push_bind(user.to_string()).push_bind(*first).push_bind(*last);
+        });
+        qb.push(
+            " ON CONFLICT(user_id) DO UPDATE SET first_used_at = MIN(first_used_at, excluded.first_used_at), \
+             last_used_at = MAX(last_used_at, excluded.last_used_at)",
+        );
+        qb.build().execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     Ok(())
 }

@@ -261,3 +261,14 @@ impl Drop for Tollgate {
         let _ = self.child.wait();
     }
 }
+
+impl Tollgate {
+    /// A writable connection to the instance's SQLite file (WAL lets it share with the server),
+    /// for tests that set up rows the way another replica or the CLI would.
+    pub async fn db_rw(&self) -> SqlitePool {
+        let opts = SqliteConnectOptions::new()
+            .filename(&self.db_path)
+            .busy_timeout(Duration::from_secs(5));
+        SqlitePool::connect_with(opts).await.expect("open test db for writing")
+    }
+}
