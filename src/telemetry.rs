@@ -26,6 +26,7 @@ pub mod metric {
     pub const PASSTHROUGH_TOTAL: &str = "tollgate_passthrough_total";
     pub const PROXY_CONNECTS_TOTAL: &str = "tollgate_proxy_connects_total";
     pub const LEAF_CERTS_MINTED_TOTAL: &str = "tollgate_leaf_certs_minted_total";
+    pub const MITM_REQUESTS_TOTAL: &str = "tollgate_mitm_requests_total";
     pub const RECORDER_QUEUE_DEPTH: &str = "tollgate_recorder_queue_depth";
     pub const RECORDER_DROPPED_TOTAL: &str = "tollgate_recorder_dropped_total";
     pub const RECORDER_WRITTEN_TOTAL: &str = "tollgate_recorder_written_total";

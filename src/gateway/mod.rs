@@ -141,10 +141,12 @@ impl GatewayState {
 }
 
 /// The pingora service value. `fixed_provider` is set for the proxy front door, where the
-/// CONNECT target (not the path) says which provider a request is for.
+/// CONNECT target (not the path) says which provider a request is for; `tunnel_key` is then the
+/// Tollgate key the CONNECT carried in `Proxy-Authorization`.
 pub struct Gateway {
     state: Arc<GatewayState>,
     fixed_provider: Option<Arc<ProviderRoute>>,
+    tunnel_key: Option<String>,
 }
 
 impl Gateway {
@@ -152,13 +154,17 @@ impl Gateway {
         Gateway {
             state,
             fixed_provider: None,
+            tunnel_key: None,
         }
     }
 
-    pub fn for_provider(state: Arc<GatewayState>, provider: Arc<ProviderRoute>) -> Gateway {
+    /// The gateway behind one decrypted CONNECT tunnel: every request inside goes to
+    /// `provider` and is made by the holder of `tollgate_key` (the proxy credentials).
+    pub fn for_tunnel(state: Arc<GatewayState>, provider: Arc<ProviderRoute>, tollgate_key: String) -> Gateway {
         Gateway {
             state,
             fixed_provider: Some(provider),
+            tunnel_key: Some(tollgate_key),
         }
     }
 }
@@ -306,6 +312,9 @@ impl ProxyHttp for Gateway {
 impl Gateway {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Stop> {
         let routed = self.route(session)?;
+        if self.tunnel_key.is_some() {
+            metrics::counter!(metric::MITM_REQUESTS_TOTAL, "provider" => routed.route.name.clone()).increment(1);
+        }
         let (principal, key_source) = self.authenticate(session, &routed.route).await?;
         ctx._permit = Some(self.state.governance.check_rate(principal.user_id).map_err(denial_refusal)?);
         let body = read_body(session, self.state.config.limits.max_body_bytes).await?;
@@ -410,11 +419,16 @@ impl Gateway {
         route: &ProviderRoute,
     ) -> Result<(Arc<Principal>, KeySource), Refusal> {
         let headers = &session.req_header().headers;
-        let found = presented_key(headers)
-            // Copilot's Authorization is the user's GitHub token, never a Tollgate key.
-            .filter(|(_, source)| {
-                route.kind != ProviderKind::Copilot || *source == KeySource::TollgateHeader
-            });
+        let found = match &self.tunnel_key {
+            // Inside a CONNECT tunnel the proxy credentials say who is calling; the request's own
+            // Authorization/x-api-key are the client's provider credentials.
+            Some(key) => Some((key.clone(), KeySource::ProxyCredentials)),
+            None => presented_key(headers)
+                // Copilot's Authorization is the user's GitHub token, never a Tollgate key.
+                .filter(|(_, source)| {
+                    route.kind != ProviderKind::Copilot || *source == KeySource::TollgateHeader
+                }),
+        };
         let Some((secret, source)) = found else {
             let hint = if route.kind == ProviderKind::Copilot {
                 "missing Tollgate key: send it in X-Tollgate-Key (or as the proxy password)"
@@ -477,7 +491,7 @@ impl Gateway {
             };
         }
         // Only with the Tollgate key in its own header do Authorization/x-api-key carry a user key.
-        let user_key = if source == KeySource::TollgateHeader {
+        let user_key = if matches!(source, KeySource::TollgateHeader | KeySource::ProxyCredentials) {
             bearer
                 .or_else(|| text("x-api-key"))
                 .filter(|k| !k.is_empty())
