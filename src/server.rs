@@ -61,6 +61,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     background.spawn(refresh_governance(state.clone()));
     warn_about_missing_keys(&state);
     telemetry::prometheus();
+    background.spawn(crate::store::run_retention(
+        state.store.clone(),
+        config.retention.interceptions_days,
+    ));
 
     let admin_listener = background
         .block_on(tokio::net::TcpListener::bind(config.server.admin_listen))

@@ -37,7 +37,8 @@ impl FromRequestParts<Arc<GatewayState>> for Caller {
         parts: &mut Parts,
         state: &Arc<GatewayState>,
     ) -> Result<Self, Self::Rejection> {
-        let (secret, _) = crate::auth::presented_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        let (secret, _) =
+            crate::auth::presented_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
         match state.keys.resolve(&secret, &state.store, &state.db).await {
             Ok(Some(principal)) => Ok(Caller(principal)),
             Ok(None) => Err(ApiError::Unauthorized),

@@ -78,7 +78,9 @@ fn scope_of(scope: &str, id: Option<Uuid>) -> Result<SpendScope, String> {
         ("default", Some(_)) => Err("scope_id: the default limit has no scope_id".into()),
         ("group", Some(id)) => Ok(SpendScope::Group(id)),
         ("user", Some(id)) => Ok(SpendScope::User(id)),
-        ("group" | "user", None) => Err(format!("scope_id: a {scope} limit needs the {scope}'s id")),
+        ("group" | "user", None) => {
+            Err(format!("scope_id: a {scope} limit needs the {scope}'s id"))
+        }
         (other, _) => Err(format!(
             "scope `{other}` must be one of default, group, user"
         )),

@@ -30,16 +30,16 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text())))?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
-            if e.is_data() {
-                ApiError::Unprocessable(format!("request body: {e}"))
-            } else {
-                ApiError::BadRequest(format!("request body is not valid JSON: {e}"))
-            }
-        })
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text()))
+        })?;
+        // Syntax first, shape second: parsing straight into `T` would report whichever error
+        // it meets first, and `[1,2` would pass for a shape problem.
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+        serde_json::from_value(value)
+            .map(ApiJson)
+            .map_err(|e| ApiError::Unprocessable(format!("request body: {e}")))
     }
 }
 
@@ -68,8 +68,9 @@ pub struct Params(Vec<(String, String)>);
 
 impl Params {
     pub fn from_uri(uri: &Uri, allowed: &[&str]) -> Result<Params, ApiError> {
-        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
-            .map_err(|e| ApiError::BadRequest(format!("malformed query string: {}", e.body_text())))?;
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri).map_err(|e| {
+            ApiError::BadRequest(format!("malformed query string: {}", e.body_text()))
+        })?;
         let mut seen: Vec<&str> = Vec::new();
         for (k, _) in &pairs {
             if !allowed.contains(&k.as_str()) {
@@ -135,7 +136,11 @@ pub fn parse_time_or_date(
     end_of_day: bool,
 ) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        let day = if end_of_day { date.succ_opt() } else { Some(date) };
+        let day = if end_of_day {
+            date.succ_opt()
+        } else {
+            Some(date)
+        };
         if let Some(day) = day {
             return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
         }

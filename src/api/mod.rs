@@ -1,55 +1,141 @@
-//! The admin listener: management REST API, `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: the management REST API under `/api/v2` (interceptions, sessions, usage,
+//! seats, users, groups, keys, budgets, pricing, the proxy CA, the OpenAPI document) and the
+//! operational routes `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Runs on Tollgate's background runtime (not on the proxy threads), so a slow admin query
 //! never competes with provider traffic for a worker.
 //!
-//! Not here: provider traffic (gateway) and the queries themselves (store).
+//! Every route is registered once, in [`routes`], through `utoipa_axum`: the `#[utoipa::path]`
+//! annotation on a handler gives both the route the router serves and its entry in the OpenAPI
+//! document, so the two cannot drift apart. Do not add routes with a plain `.route(...)`.
+//!
+//! Not here: provider traffic (gateway) and the queries themselves (`store::Queries`).
+
+pub mod auth;
+pub mod budgets;
+pub mod error;
+pub mod extract;
+pub mod interceptions;
+pub mod query;
+pub mod seats;
+pub mod sessions;
+pub mod system;
+pub mod usage;
+pub mod users;
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::body::Bytes;
+use axum::http::Uri;
+use axum::{Extension, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::gateway::GatewayState;
-use crate::telemetry;
+use error::ApiError;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tollgate management API",
+        description = "Interceptions, sessions, usage, seats and the administration of users, groups, keys, budgets and prices. Authenticate with a Tollgate key: `Authorization: Bearer tg_...`. Admins see everything; members see only their own interceptions, sessions and usage.",
+    ),
+    modifiers(&BearerAuth),
+    security(("tollgate_key" = [])),
+    tags(
+        (name = "interceptions", description = "Recorded provider calls"),
+        (name = "sessions", description = "Interceptions grouped by session"),
+        (name = "usage", description = "Token and cost rollups"),
+        (name = "seats", description = "AI seat use"),
+        (name = "users", description = "Users and their Tollgate keys (admins)"),
+        (name = "groups", description = "Groups and membership (admins)"),
+        (name = "budgets", description = "Spend limits (admins)"),
+        (name = "pricing", description = "Model prices (admins)"),
+        (name = "proxy", description = "The HTTPS proxy front door"),
+        (name = "operations", description = "Metrics, health and this document"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the `tollgate_key` bearer scheme every `/api/v2` operation uses by default.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "tollgate_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("tg_...")
+                    .description(Some("A Tollgate API key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route with its OpenAPI entry: the single list both are built from.
+pub fn routes() -> (Router<Arc<GatewayState>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(interceptions::list_interceptions))
+        .routes(routes!(interceptions::get_interception))
+        .routes(routes!(sessions::list_sessions))
+        .routes(routes!(sessions::get_session))
+        .routes(routes!(usage::usage))
+        .routes(routes!(seats::seats))
+        .routes(routes!(users::list_users, users::create_user))
+        .routes(routes!(
+            users::get_user,
+            users::update_user,
+            users::delete_user
+        ))
+        .routes(routes!(users::list_keys, users::create_key))
+        .routes(routes!(users::revoke_key))
+        .routes(routes!(users::list_groups, users::create_group))
+        .routes(routes!(users::get_group, users::delete_group))
+        .routes(routes!(users::add_member))
+        .routes(routes!(users::remove_member))
+        .routes(routes!(
+            budgets::list_budgets,
+            budgets::put_budget,
+            budgets::post_budget
+        ))
+        .routes(routes!(budgets::delete_default_budget))
+        .routes(routes!(budgets::delete_scoped_budget))
+        .routes(routes!(budgets::list_prices))
+        .routes(routes!(budgets::put_price, budgets::delete_price))
+        .routes(routes!(system::ca_cert))
+        .routes(routes!(system::openapi))
+        .routes(routes!(system::metrics))
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::readyz))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of [`routes`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
+}
 
 /// Builds the admin router.
 pub fn router(state: Arc<GatewayState>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let (router, doc) = routes();
+    // Rendered once: the document is static for the life of the process.
+    let json = doc.to_json().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot render the OpenAPI document");
+        "{}".to_string()
+    });
+    router
+        .fallback(no_route)
+        .layer(Extension(system::OpenApiJson(Bytes::from(json))))
         .with_state(state)
 }
 
-async fn metrics() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        telemetry::prometheus().render(),
-    )
-        .into_response()
-}
-
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-/// Ready when the database answers and the schema is in place.
-async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
-    match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => Json(serde_json::json!({ "status": "ready" })).into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "unavailable", "database": e.to_string() })),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "unavailable", "database": "timed out" })),
-        )
-            .into_response(),
-    }
+/// Unknown paths get the API's JSON error rather than an empty 404.
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_string())
 }

@@ -143,9 +143,7 @@ pub async fn list_sessions(
     let cursor = match params.get("after_id") {
         None => None,
         Some(key) => Some(queries.session_cursor(&filter, key).await?.ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "after_id `{key}` is not a session of this listing"
-            ))
+            ApiError::BadRequest(format!("after_id `{key}` is not a session of this listing"))
         })?),
     };
     let page = queries

@@ -226,15 +226,16 @@ pub async fn list_users(
     let params = Params::from_uri(&uri, &["limit", "after_id"])?;
     let limit = params.limit()?;
     let queries = state.store.queries();
-    let after = match params.get("after_id") {
-        None => None,
-        Some(text) => {
-            let id = parse_id("after_id", text)?;
-            Some(queries.user_cursor(id).await?.ok_or_else(|| {
-                ApiError::BadRequest(format!("after_id `{id}` is not a user"))
-            })?)
-        }
-    };
+    let after =
+        match params.get("after_id") {
+            None => None,
+            Some(text) => {
+                let id = parse_id("after_id", text)?;
+                Some(queries.user_cursor(id).await?.ok_or_else(|| {
+                    ApiError::BadRequest(format!("after_id `{id}` is not a user"))
+                })?)
+            }
+        };
     let (count, users) = queries.list_users(after, limit).await?;
     Ok(Json(UserList {
         count,
@@ -486,9 +487,7 @@ pub async fn revoke_key(
     let id = parse_id("user id", &id)?;
     let key_id = parse_id("key id", &key_id)?;
     match state.store.queries().revoke_user_key(id, key_id).await? {
-        None => Err(ApiError::NotFound(format!(
-            "user {id} has no key {key_id}"
-        ))),
+        None => Err(ApiError::NotFound(format!("user {id} has no key {key_id}"))),
         Some(_) => {
             state.governance_changed().await;
             Ok(StatusCode::NO_CONTENT)
@@ -522,15 +521,16 @@ pub async fn list_groups(
     let params = Params::from_uri(&uri, &["limit", "after_id"])?;
     let limit = params.limit()?;
     let queries = state.store.queries();
-    let after = match params.get("after_id") {
-        None => None,
-        Some(text) => {
-            let id = parse_id("after_id", text)?;
-            Some(queries.group_cursor(id).await?.ok_or_else(|| {
-                ApiError::BadRequest(format!("after_id `{id}` is not a group"))
-            })?)
-        }
-    };
+    let after =
+        match params.get("after_id") {
+            None => None,
+            Some(text) => {
+                let id = parse_id("after_id", text)?;
+                Some(queries.group_cursor(id).await?.ok_or_else(|| {
+                    ApiError::BadRequest(format!("after_id `{id}` is not a group"))
+                })?)
+            }
+        };
     let (count, groups) = queries.list_groups(after, limit).await?;
     Ok(Json(GroupList {
         count,
@@ -653,7 +653,10 @@ pub async fn add_member(
     let queries = state.store.queries();
     queries.add_group_member(id, body.user_id).await?;
     state.governance_changed().await;
-    let group = queries.group(id).await?.ok_or_else(|| group_not_found(id))?;
+    let group = queries
+        .group(id)
+        .await?
+        .ok_or_else(|| group_not_found(id))?;
     Ok(Json(group.into()))
 }
 

@@ -280,7 +280,8 @@ impl Store {
     }
 }
 
-const INTERCEPTION_COLUMNS: &str = "i.id, i.user_id, u.username, i.api_key_id, i.provider, i.model, \
+const INTERCEPTION_COLUMNS: &str =
+    "i.id, i.user_id, u.username, i.api_key_id, i.provider, i.model, \
      i.response_model, i.client, i.client_session_id, i.session_key, i.thread_parent_id, \
      i.thread_root_id, i.credential_kind, i.credential_hint, i.status, i.upstream_status, i.error, \
      i.streaming, i.started_at, i.ended_at, i.ttfb_ms, i.input_tokens, i.output_tokens, \
@@ -316,7 +317,8 @@ fn usage_cols(row: &SqliteRow, prefix: &str) -> Result<UsageSums, StoreError> {
     })
 }
 
-const USAGE_SUMS: &str = "SUM(i.input_tokens) AS input_tokens, SUM(i.output_tokens) AS output_tokens, \
+const USAGE_SUMS: &str =
+    "SUM(i.input_tokens) AS input_tokens, SUM(i.output_tokens) AS output_tokens, \
      SUM(i.cache_read_input_tokens) AS cache_read_input_tokens, \
      SUM(i.cache_write_input_tokens) AS cache_write_input_tokens, \
      SUM(i.reasoning_tokens) AS reasoning_tokens, SUM(i.cost_nano_usd) AS cost_nano_usd, \
@@ -385,7 +387,9 @@ fn push_values_table(qb: &mut QueryBuilder<'_, Sqlite>, keys: &[String]) {
     qb.push("(VALUES ");
     let mut sep = qb.separated(", ");
     for k in keys {
-        sep.push("(").push_bind_unseparated(k.clone()).push_unseparated(")");
+        sep.push("(")
+            .push_bind_unseparated(k.clone())
+            .push_unseparated(")");
     }
     sep.push_unseparated(")");
 }
@@ -400,7 +404,8 @@ impl<'a> Queries<'a> {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<InterceptionPage, StoreError> {
-        let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM interceptions i WHERE 1=1");
+        let mut count =
+            QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM interceptions i WHERE 1=1");
         filter.push(&mut count, "i");
         let count: i64 = count.build_query_scalar().fetch_one(self.pool).await?;
 
@@ -411,7 +416,8 @@ impl<'a> Queries<'a> {
         if let Some(after) = after {
             qb.push(" AND i.id < ").push_bind(after.to_string());
         }
-        qb.push(" ORDER BY i.id DESC LIMIT ").push_bind(i64::from(limit));
+        qb.push(" ORDER BY i.id DESC LIMIT ")
+            .push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(self.pool).await?;
         let mut rows = rows
             .iter()
@@ -550,8 +556,7 @@ impl<'a> Queries<'a> {
 
         let limit = limit as usize;
         let batch: i64 = (limit as i64 * 4).clamp(256, 4096);
-        let mut position: Option<(i64, String)> =
-            after.map(|c| (c.last_active_ms, c.key.clone()));
+        let mut position: Option<(i64, String)> = after.map(|c| (c.last_active_ms, c.key.clone()));
         let mut seen: HashSet<String> = HashSet::new();
         let mut page: Vec<SessionSummary> = Vec::with_capacity(limit);
         while page.len() < limit {
@@ -1137,7 +1142,9 @@ impl<'a> Queries<'a> {
         limit: NanoUsd,
     ) -> Result<SpendLimitEntry, StoreError> {
         if limit.is_negative() {
-            return Err(StoreError::Invalid("a spend limit cannot be negative".into()));
+            return Err(StoreError::Invalid(
+                "a spend limit cannot be negative".into(),
+            ));
         }
         let (kind, id) = scope.columns();
         let mut tx = self.pool.begin().await?;
@@ -1219,9 +1226,14 @@ impl<'a> Queries<'a> {
                 "model: use 1-256 characters".to_string(),
             ));
         }
-        if [price.input, price.output, price.cache_read, price.cache_write]
-            .iter()
-            .any(|p| p.is_negative())
+        if [
+            price.input,
+            price.output,
+            price.cache_read,
+            price.cache_write,
+        ]
+        .iter()
+        .any(|p| p.is_negative())
         {
             return Err(StoreError::Invalid("prices cannot be negative".into()));
         }

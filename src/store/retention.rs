@@ -65,6 +65,10 @@ pub async fn run_retention(store: Store, days: u32) {
     if days == 0 {
         return;
     }
+    metrics::describe_counter!(
+        RETENTION_PURGED_TOTAL,
+        "Interceptions deleted by retention (with their child rows)."
+    );
     let mut ticks = tokio::time::interval(PURGE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -205,6 +205,18 @@ impl Tollgate {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// Creates an admin user through the CLI and returns a fresh key for it.
+    pub fn admin_key(&self, name: &str) -> String {
+        let out = self.cli(&["users", "create", name, "--admin"]);
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
+            "{out:?}"
+        );
+        let out = self.cli(&["keys", "create", "--user", name]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     pub async fn db(&self) -> SqlitePool {
         let opts = SqliteConnectOptions::new()
             .filename(&self.db_path)
