@@ -166,14 +166,14 @@ pub fn log_interception(r: &InterceptionRecord) {
         record_type = "interception_start",
         interception_id = %id,
         initiator_id = %r.user_id,
-        api_key_id = r.api_key_id.map(|k| k.to_string()),
+        api_key_id = %optional(r.api_key_id),
         provider = %r.provider,
         model = %r.model,
         client = r.client,
-        client_session_id = r.client_session_id.as_deref(),
+        client_session_id = r.client_session_id.as_deref().unwrap_or(""),
         started_at = %r.started_at.to_rfc3339(),
-        thread_parent_id = r.thread_parent_id.map(|k| k.to_string()),
-        thread_root_id = r.thread_root_id.map(|k| k.to_string()),
+        thread_parent_id = %optional(r.thread_parent_id),
+        thread_root_id = %optional(r.thread_root_id),
         "{MSG}"
     );
     let msg_id = r.response_id.as_deref().unwrap_or("");
@@ -235,6 +235,11 @@ pub fn log_interception(r: &InterceptionRecord) {
         cost_nano_usd = r.cost.0,
         "{MSG}"
     );
+}
+
+/// Absent ids are logged as empty strings so every record of a type has the same fields.
+fn optional(id: Option<uuid::Uuid>) -> String {
+    id.map(|i| i.to_string()).unwrap_or_default()
 }
 
 /// Metrics for one finished interception.

@@ -1141,3 +1141,86 @@ async fn keep_alive_health_metrics_and_no_secret_in_any_log_line() {
         assert!(!joined.contains(secret), "a secret appears in the logs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_listener_can_serve_https() {
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .server_extra(&format!(
+            "gateway_tls_cert = \"{}\"\ngateway_tls_key = \"{}\"",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .start()
+        .await;
+    assert!(tg.gateway.starts_with("https://"), "{}", tg.gateway);
+    let key = tg.user_key("tess");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", tg.gateway.trim_start_matches("https://").parse().unwrap())
+        .build()
+        .unwrap();
+    let port = tg.gateway.rsplit(':').next().unwrap();
+    let resp = client
+        .post(format!("https://localhost:{port}/openai/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_request(false, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), fixture_bytes("openai-chat.json").as_slice());
+    tg.wait_for_interceptions(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_log_record_type_carries_its_contract_fields() {
+    let upstream = MockUpstream::always(MockResponse::fixture("anthropic-messages-stream.sse")).await;
+    let (tg, key) = gateway_with(&upstream).await;
+    let resp = http()
+        .post(format!("{}/anthropic/v1/messages", tg.gateway))
+        .header("x-api-key", &key)
+        .header("x-claude-code-session-id", "cc-session-1")
+        .header("user-agent", "claude-cli/2.0.14 (external, cli)")
+        .json(&messages_request(true))
+        .send()
+        .await
+        .unwrap();
+    let id = interception_id(&resp);
+    resp.bytes().await.unwrap();
+    tg.wait_for_interceptions(1).await;
+    let (_, logs) = tg.stop().await;
+    let records: Vec<Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["message"] == "interception log" && r["interception_id"] == id.as_str())
+        .collect();
+    let of = |t: &str| records.iter().find(|r| r["record_type"] == t).unwrap_or_else(|| panic!("no {t} record")).clone();
+    let start = of("interception_start");
+    for f in ["initiator_id", "api_key_id", "provider", "model", "client", "client_session_id", "started_at", "thread_parent_id", "thread_root_id"] {
+        assert!(start.get(f).is_some(), "interception_start lacks {f}: {start}");
+    }
+    assert_eq!(start["client"], "Claude Code");
+    assert_eq!(start["client_session_id"], "cc-session-1");
+    let end = of("interception_end");
+    assert_eq!(end["status"], "completed");
+    assert_eq!(end["cost_nano_usd"], 14_205_000);
+    assert!(end["ended_at"].is_string());
+    let usage = of("token_usage");
+    assert_eq!((usage["input_tokens"].as_i64(), usage["output_tokens"].as_i64()), (Some(420), Some(233)));
+    assert_eq!((usage["cache_read_input_tokens"].as_i64(), usage["cache_write_input_tokens"].as_i64()), (Some(9000), Some(1800)));
+    assert_eq!(usage["msg_id"], "msg_01TGfixture0001");
+    assert_eq!(of("prompt_usage")["prompt"], "Fix the flaky test.");
+    let tool = of("tool_usage");
+    assert_eq!((tool["tool"].as_str(), tool["tool_call_id"].as_str()), (Some("read_file"), Some("toolu_01TGreadfile")));
+    assert_eq!(serde_json::from_str::<Value>(tool["input"].as_str().unwrap()).unwrap(), json!({"path": "tests/retry.rs", "max_lines": 200}));
+    assert_eq!(tool["injected"], false);
+    assert_eq!(of("model_thought")["content"], "The user wants the flaky test fixed. Look at the retry loop first.");
+}

@@ -20,6 +20,7 @@ pub const ANTHROPIC_CENTRAL_KEY: &str = "sk-ant-central-0123456789abcdef";
 
 pub struct TollgateBuilder {
     providers: Vec<(String, String, String)>,
+    server_extra: String,
     extra: String,
     env: Vec<(String, String)>,
 }
@@ -29,6 +30,13 @@ impl TollgateBuilder {
     pub fn provider(mut self, name: &str, kind: &str, base_url: &str) -> Self {
         self.providers
             .push((name.into(), kind.into(), base_url.into()));
+        self
+    }
+
+    /// Extra keys for the `[server]` table.
+    pub fn server_extra(mut self, toml: &str) -> Self {
+        self.server_extra.push_str(toml);
+        self.server_extra.push('\n');
         self
     }
 
@@ -48,8 +56,9 @@ impl TollgateBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let db_path = dir.path().join("tollgate.db");
         let mut config = format!(
-            "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrace_period_seconds = 0\n\n\
+            "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrace_period_seconds = 0\n{}\n\
              [database]\nurl = \"sqlite://{}\"\n\n[auth]\nkey_cache_ttl_ms = 1000\n\n",
+            self.server_extra,
             db_path.display()
         );
         for (name, kind, url) in &self.providers {
@@ -124,7 +133,7 @@ impl TollgateBuilder {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // pingora binds after the log line; wait until the gateway port accepts.
-        let addr = tg.gateway.trim_start_matches("http://").to_string();
+        let addr = tg.gateway.split("://").last().unwrap_or_default().to_string();
         while tokio::net::TcpStream::connect(&addr).await.is_err() {
             assert!(Instant::now() < deadline, "gateway port never opened");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -149,6 +158,7 @@ impl Tollgate {
     pub fn builder() -> TollgateBuilder {
         TollgateBuilder {
             providers: Vec::new(),
+            server_extra: String::new(),
             extra: String::new(),
             env: Vec::new(),
         }
