@@ -1016,6 +1016,7 @@ impl<'p> Reader<'p> {
                 "central_api_key_enabled",
                 "allow_user_api_key",
                 "allow_central_api_key_fallback",
+                "secret_key_file",
             ],
         );
         if !cfg.central_api_key_enabled && !cfg.allow_user_api_key {

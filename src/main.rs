@@ -83,7 +83,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprint!("{e}");
-            return ExitCode::from(2);
+            // check-config's job is to judge the config: a bad one is its failure (1); for every
+            // other command a bad config is a usage error (2).
+            let code = if matches!(cli.command, Command::CheckConfig) { 1 } else { 2 };
+            return ExitCode::from(code);
         }
     };
     let result = match cli.command {
