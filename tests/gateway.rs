@@ -1224,3 +1224,18 @@ async fn every_log_record_type_carries_its_contract_fields() {
     assert_eq!(tool["injected"], false);
     assert_eq!(of("model_thought")["content"], "The user wants the flaky test fixed. Look at the retry loop first.");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_the_first_byte_cancels_the_upstream_call() {
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json").first_byte_delay(Duration::from_secs(3))).await;
+    let (tg, key) = gateway_with(&upstream).await;
+    let url = format!("{}/openai/v1/chat/completions", tg.gateway);
+    let attempt = http().post(&url).bearer_auth(&key).json(&chat_request(false, false)).timeout(Duration::from_millis(400)).send().await;
+    assert!(attempt.is_err(), "the client gave up first");
+    let started = Instant::now();
+    let db = tg.wait_for_interceptions(1).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "recorded as soon as the client left, not when the upstream answered");
+    let (status, error): (String, String) = sqlx::query_as("SELECT status, error FROM interceptions").fetch_one(&db).await.unwrap();
+    assert_eq!(status, "client_aborted");
+    assert!(error.contains("before the response"), "{error}");
+}

@@ -641,7 +641,27 @@ impl Gateway {
             )
         })?;
 
-        let mut up = match self.send(&peer, head, body).await {
+        // While the upstream thinks (a long generation can take minutes before its first byte),
+        // watch the client: if it goes away, stop waiting and stop paying for the call.
+        let sent = {
+            let send = self.send(&peer, head, body);
+            tokio::pin!(send);
+            tokio::select! {
+                sent = &mut send => sent,
+                gone = session.as_downstream_mut().read_body_or_idle(true) => {
+                    let e = match gone {
+                        Err(e) => e,
+                        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data while waiting for a response"),
+                    };
+                    mark_failed(&mut open, InterceptionStatus::ClientAborted, "client disconnected before the response");
+                    if let Some(o) = open.as_deref_mut() {
+                        o.upstream_wait += waited.elapsed();
+                    }
+                    return Err(Stop::Broken(e));
+                }
+            }
+        };
+        let mut up = match sent {
             Ok(up) => up,
             Err(e) => {
                 let timed_out = is_timeout(&e);
