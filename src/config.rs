@@ -17,6 +17,7 @@ use toml::{Table, Value};
 use crate::governance::pricing::ModelPrice;
 use crate::money::NanoUsd;
 use crate::providers::ProviderKind;
+use crate::proxy::destination::Cidr;
 
 /// Where the config comes from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tollgate.toml";
@@ -170,7 +171,14 @@ pub struct ProxyConfig {
     pub ca_key: PathBuf,
     pub tls: Option<TlsFiles>,
     pub tunnel: TunnelPolicy,
-    pub allowed_private_cidrs: Vec<String>,
+    /// Private or reserved networks tunnels may reach anyway.
+    pub allowed_private_cidrs: Vec<Cidr>,
+    /// How long a client has to send its request head, and to finish each TLS handshake.
+    pub handshake_timeout: Duration,
+    /// A tunnel (or a decrypted HTTP/2 connection) with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Ports CONNECT may reach (the contract's 80 and 443 by default).
+    pub allowed_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -965,20 +973,19 @@ impl<'p> Reader<'p> {
                 TunnelPolicy::Allow,
                 &[("allow", TunnelPolicy::Allow), ("deny", TunnelPolicy::Deny)],
             ),
-            allowed_private_cidrs: match t.get("allowed_private_cidrs") {
-                None => Vec::new(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect(),
-                Some(_) => {
-                    self.problem(
-                        "proxy.allowed_private_cidrs",
-                        "expected an array of CIDR strings",
-                    );
-                    Vec::new()
-                }
-            },
+            allowed_private_cidrs: self.cidrs(t.get("allowed_private_cidrs")),
+            handshake_timeout: Duration::from_millis(self.int(
+                t,
+                s,
+                "handshake_timeout_ms",
+                10_000,
+                100,
+                120_000,
+            ) as u64),
+            idle_timeout: Duration::from_secs(
+                self.int(t, s, "idle_timeout_seconds", 300, 1, 86_400) as u64,
+            ),
+            allowed_ports: self.ports(t.get("allowed_ports")),
         };
         self.unknown_keys(
             t,
@@ -992,9 +999,59 @@ impl<'p> Reader<'p> {
                 "tls_key",
                 "tunnel",
                 "allowed_private_cidrs",
+                "handshake_timeout_ms",
+                "idle_timeout_seconds",
+                "allowed_ports",
             ],
         );
         cfg
+    }
+
+    fn ports(&mut self, value: Option<&Value>) -> Vec<u16> {
+        let path = "proxy.allowed_ports";
+        let Some(value) = value else {
+            return vec![80, 443];
+        };
+        let Value::Array(items) = value else {
+            self.problem(path, "expected an array of port numbers (e.g. [80, 443])");
+            return vec![80, 443];
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item
+                .as_integer()
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+            {
+                Some(p) => out.push(p),
+                None => self.problem(format!("{path}[{i}]"), "expected a port number (1..=65535)"),
+            }
+        }
+        out
+    }
+
+    fn cidrs(&mut self, value: Option<&Value>) -> Vec<Cidr> {
+        let path = "proxy.allowed_private_cidrs";
+        let items = match value {
+            None => return Vec::new(),
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                self.problem(
+                    path,
+                    "expected an array of CIDR strings (e.g. [\"10.0.0.0/8\"])",
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item.as_str().map(str::parse::<Cidr>) {
+                Some(Ok(c)) => out.push(c),
+                Some(Err(e)) => self.problem(format!("{path}[{i}]"), e),
+                None => self.problem(format!("{path}[{i}]"), "expected a CIDR string"),
+            }
+        }
+        out
     }
 
     fn keys(&mut self, t: &Table) -> KeyPolicyConfig {
@@ -1279,6 +1336,29 @@ mod tests {
         assert!(UpstreamUrl::parse("api.openai.com").is_err());
         assert!(UpstreamUrl::parse("http://u:p@host").is_err());
         assert!(UpstreamUrl::parse("http://host:0").is_err());
+    }
+
+    #[test]
+    fn proxy_cidrs_and_timeouts() {
+        let c = parse(
+            "[proxy]\nallowed_private_cidrs = [\"10.0.0.0/8\", \"::1\"]\nhandshake_timeout_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.allowed_private_cidrs.len(), 2);
+        assert_eq!(c.proxy.handshake_timeout, Duration::from_millis(500));
+        assert_eq!(c.proxy.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.proxy.allowed_ports, [80, 443]);
+        assert!(parse("[proxy]\nallowed_ports = [443, 0]\n").is_err());
+        let err = parse("[proxy]\nallowed_private_cidrs = [\"10.0.0.0/8\", \"10.1.0.0/8\", 7]\n")
+            .unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "proxy.allowed_private_cidrs[1]",
+                "proxy.allowed_private_cidrs[2]"
+            ]
+        );
     }
 
     #[test]

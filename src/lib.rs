@@ -3,7 +3,8 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; integration tests and benchmarks
 //! use the same modules. One module per concern: `config`, `gateway` (the request pipeline),
 //! `providers` (wire formats), `sse`, `clients`, `auth`, `governance`, `store`, `api`,
-//! `telemetry`, `server` (start-up and shutdown).
+//! `telemetry`, `proxy` (the HTTPS_PROXY front door), `tls` (its CA and certificates),
+//! `server` (start-up and shutdown).
 
 pub mod api;
 pub mod auth;
@@ -13,7 +14,9 @@ pub mod gateway;
 pub mod governance;
 pub mod money;
 pub mod providers;
+pub mod proxy;
 pub mod server;
 pub mod sse;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -40,6 +40,22 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage the proxy front door's MITM certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new self-signed CA (DIR/ca.pem, and DIR/ca.key with mode 0600); refuses to
+    /// overwrite either file.
+    Init {
+        /// Directory for ca.pem and ca.key (created if needed).
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,6 +95,13 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Needs no configuration (and must work before there is a valid one).
+    if let Command::Ca {
+        command: CaCommand::Init { out },
+    } = &cli.command
+    {
+        return ca_init(out);
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -138,11 +161,51 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Ca { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tollgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `tollgate ca init`: a new CA for the proxy front door, and what to do next.
+fn ca_init(out: &std::path::Path) -> ExitCode {
+    match tollgate::tls::write_ca_files(out) {
+        Ok((cert, key)) => {
+            let fingerprint = std::fs::read_to_string(&cert)
+                .ok()
+                .and_then(|pem| tollgate::tls::certificate_der(&pem).into_iter().next())
+                .map(|der| {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(der.as_ref())
+                        .iter()
+                        .map(|b| format!("{b:02X}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                })
+                .unwrap_or_default();
+            println!(
+                "wrote {} (the CA certificate: clients trust this file)",
+                cert.display()
+            );
+            println!(
+                "wrote {} (its private key, mode 0600: keep it secret, never copy it to clients)",
+                key.display()
+            );
+            println!("SHA-256 fingerprint {fingerprint}");
+            println!(
+                "next: set [proxy] enabled = true, ca_cert = \"{}\", ca_key = \"{}\" and restart `tollgate serve`; see docs/proxy.md to trust the CA on clients",
+                cert.display(),
+                key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e}");
             ExitCode::from(1)
         }
     }

@@ -1,4 +1,5 @@
-//! Start-up and shutdown: the database, the background runtime, the listeners, pingora.
+//! Start-up and shutdown: the database, the background runtime, the listeners (gateway, admin,
+//! and the proxy front door when `[proxy] enabled`), pingora.
 //!
 //! pingora builds and owns its own runtimes and blocks in `Server::run`, so this is a plain
 //! function called from `main` (no `#[tokio::main]`). Tollgate's own async work (database pool,
@@ -13,10 +14,12 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
 
 use crate::config::Config;
 use crate::gateway::{Gateway, GatewayState};
 use crate::governance::keyvault::KeyVault;
+use crate::proxy::ForwardProxy;
 use crate::store::{Recorder, Store};
 use crate::{api, telemetry};
 
@@ -61,6 +64,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     background.spawn(refresh_governance(state.clone()));
     warn_about_missing_keys(&state);
     telemetry::prometheus();
+    // The CA is checked before any listener opens: a bad one stops the start with its reason.
+    let forward_proxy = if config.proxy.enabled {
+        Some(ForwardProxy::new(state.clone(), &config.proxy)?)
+    } else {
+        None
+    };
     background.spawn(crate::store::run_retention(
         state.store.clone(),
         config.retention.interceptions_days,
@@ -88,6 +97,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    // Held while the gateway port is picked, so two port-0 listeners never get the same port.
+    let proxy_probe = match &forward_proxy {
+        Some(_) => Some(reserve_held(config.proxy.listen, "proxy.listen")?),
+        None => None,
+    };
     let gateway_addr = reserve(config.server.gateway_listen, "server.gateway_listen")?;
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
@@ -113,9 +127,24 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     server.add_service(gateway);
+    let proxy_listening = match (forward_proxy, proxy_probe) {
+        (Some(app), Some((proxy_addr, probe))) => {
+            drop(probe);
+            let scheme = app.scheme();
+            let mut service = Service::new("proxy".to_string(), app);
+            service.add_tcp(&proxy_addr.to_string());
+            server.add_service(service);
+            Some(format!("{scheme}://{proxy_addr}"))
+        }
+        _ => None,
+    };
 
     tracing::info!(listener = "gateway", addr = %gateway_addr, url = %format!("{scheme}://{gateway_addr}"), "listening");
     tracing::info!(listener = "admin", addr = %admin_addr, url = %format!("http://{admin_addr}"), "listening");
+    if let Some(url) = proxy_listening {
+        let addr = url.split("://").nth(1).unwrap_or_default();
+        tracing::info!(listener = "proxy", addr = %addr, url = %url, "listening");
+    }
 
     server.run(RunArgs::default());
 
@@ -186,6 +215,16 @@ fn reserve(addr: SocketAddr, key: &str) -> anyhow::Result<SocketAddr> {
     let probe = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {key} {addr}"))?;
     Ok(probe.local_addr()?)
+}
+
+/// [`reserve`], keeping the probe bound until the caller drops it.
+fn reserve_held(
+    addr: SocketAddr,
+    key: &str,
+) -> anyhow::Result<(SocketAddr, std::net::TcpListener)> {
+    let probe = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {key} {addr}"))?;
+    Ok((probe.local_addr()?, probe))
 }
 
 fn warn_about_missing_keys(state: &GatewayState) {

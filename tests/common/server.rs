@@ -23,6 +23,12 @@ pub struct TollgateBuilder {
     server_extra: String,
     extra: String,
     env: Vec<(String, String)>,
+    /// `mitm_hosts` per provider name.
+    mitm: Vec<(String, Vec<String>)>,
+    /// `[proxy]` lines (after `enabled`, `listen`, `ca_cert`, `ca_key`) when the proxy is on.
+    proxy: Option<String>,
+    /// Files written into the instance's directory before it starts (path relative to it).
+    files: Vec<(String, Vec<u8>)>,
 }
 
 impl TollgateBuilder {
@@ -52,6 +58,28 @@ impl TollgateBuilder {
         self
     }
 
+    /// Sets `mitm_hosts` of provider `name` (added with [`TollgateBuilder::provider`]).
+    pub fn mitm_hosts(mut self, name: &str, hosts: &[&str]) -> Self {
+        self.mitm
+            .push((name.into(), hosts.iter().map(|h| h.to_string()).collect()));
+        self
+    }
+
+    /// Turns the proxy front door on, listening on 127.0.0.1:0 with the CA in `certs/ca.pem` and
+    /// `certs/ca.key` (made with `tollgate ca init` unless given with [`TollgateBuilder::file`]).
+    /// `extra` holds more `[proxy]` keys.
+    pub fn proxy(mut self, extra: &str) -> Self {
+        self.proxy = Some(extra.to_string());
+        self
+    }
+
+    /// Writes `contents` to `path` (relative to the instance's directory) before starting;
+    /// files ending in `.key` get mode 0600.
+    pub fn file(mut self, path: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((path.into(), contents.into()));
+        self
+    }
+
     pub async fn start(self) -> Tollgate {
         let dir = tempfile::tempdir().expect("temp dir");
         let db_path = dir.path().join("tollgate.db");
@@ -67,8 +95,37 @@ impl TollgateBuilder {
                 "copilot" => "",
                 _ => "\napi_key_env = \"TEST_OPENAI_KEY\"",
             };
+            let mitm = self
+                .mitm
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, hosts)| format!("\nmitm_hosts = {hosts:?}"))
+                .unwrap_or_default();
             config.push_str(&format!(
-                "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"{env}\n\n"
+                "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"{env}{mitm}\n\n"
+            ));
+        }
+        for (path, contents) in &self.files {
+            let full = dir.path().join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).expect("create dir");
+            std::fs::write(&full, contents).expect("write file");
+            if path.ends_with(".key") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod 600");
+            }
+        }
+        if let Some(extra) = &self.proxy {
+            if !dir.path().join("certs/ca.pem").exists() {
+                let out = Command::new(BIN)
+                    .args(["ca", "init", "--out", "certs"])
+                    .current_dir(dir.path())
+                    .output()
+                    .expect("run tollgate ca init");
+                assert!(out.status.success(), "ca init: {out:?}");
+            }
+            config.push_str(&format!(
+                "[proxy]\nenabled = true\nlisten = \"127.0.0.1:0\"\nca_cert = \"certs/ca.pem\"\nca_key = \"certs/ca.key\"\n{extra}\n\n"
             ));
         }
         config.push_str(&self.extra);
@@ -110,14 +167,19 @@ impl TollgateBuilder {
             logs,
             gateway: String::new(),
             admin: String::new(),
+            proxy: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (gw, admin) = tg.listener_urls();
+            let proxy = tg.listener_url("proxy");
             if let (Some(gw), Some(admin)) = (gw, admin) {
-                tg.gateway = gw;
-                tg.admin = admin;
-                break;
+                if self.proxy.is_none() || proxy.is_some() {
+                    tg.gateway = gw;
+                    tg.admin = admin;
+                    tg.proxy = proxy.unwrap_or_default();
+                    break;
+                }
             }
             if let Ok(Some(status)) = tg.child.try_wait() {
                 panic!(
@@ -138,6 +200,13 @@ impl TollgateBuilder {
             assert!(Instant::now() < deadline, "gateway port never opened");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if !tg.proxy.is_empty() {
+            let addr = tg.proxy_addr();
+            while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                assert!(Instant::now() < deadline, "proxy port never opened");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         tg
     }
 }
@@ -152,6 +221,8 @@ pub struct Tollgate {
     pub gateway: String,
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub admin: String,
+    /// `http://127.0.0.1:PORT` (or `https://`) of the proxy listener; empty when it is off.
+    pub proxy: String,
 }
 
 impl Tollgate {
@@ -161,6 +232,9 @@ impl Tollgate {
             server_extra: String::new(),
             extra: String::new(),
             env: Vec::new(),
+            mitm: Vec::new(),
+            proxy: None,
+            files: Vec::new(),
         }
     }
 
@@ -186,6 +260,30 @@ impl Tollgate {
             }
         }
         (gw, admin)
+    }
+
+    /// The URL a listener logged ("gateway", "admin", "proxy").
+    pub fn listener_url(&self, listener: &str) -> Option<String> {
+        self.logs().iter().rev().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "listening" && v["listener"] == listener)
+                .then(|| v["url"].as_str().map(String::from))
+                .flatten()
+        })
+    }
+
+    /// `127.0.0.1:PORT` of the proxy listener.
+    pub fn proxy_addr(&self) -> String {
+        self.proxy
+            .split("://")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The proxy's CA certificate (PEM), as clients are told to trust it.
+    pub fn proxy_ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir().join("certs/ca.pem")).expect("read certs/ca.pem")
     }
 
     pub fn logs(&self) -> Vec<String> {
