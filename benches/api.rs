@@ -43,7 +43,12 @@ fn uuid_v7_at(at: DateTime<Utc>, rng: &mut StdRng) -> Uuid {
 /// 20k sessions of varying length (client sessions, tool-call threads, lone calls) spread over
 /// 30 days; users drawn with a skew so some are heavy users, as in real fleets.
 async fn seed() -> Seeded {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let mut dir = tempfile::tempdir().expect("temp dir");
+    // TOLLGATE_BENCH_KEEP_DB=1 leaves the seeded database behind for poking at with sqlite3.
+    if std::env::var_os("TOLLGATE_BENCH_KEEP_DB").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping the seeded database in {}", dir.path().display());
+    }
     let path = dir.path().join("bench.db");
     let store = Store::connect(&format!("sqlite://{}", path.display()), 4)
         .await
@@ -81,13 +86,17 @@ async fn seed() -> Seeded {
     let mut batch: Vec<InterceptionRecord> = Vec::with_capacity(1000);
     let mut made = 0usize;
     for s in 0..SESSIONS {
-        // Average 5 calls per session so 20k sessions hold 100k interceptions.
+        // kind 0..4: a client session; 4..8: a tool-call thread; 8..10: a lone call. Sessions
+        // average 5 calls, so 20k sessions hold 100k interceptions.
+        let kind = rng.gen_range(0..10);
         let remaining_sessions = SESSIONS - s;
         let remaining = INTERCEPTIONS - made;
         let len = if remaining_sessions == 1 {
             remaining
+        } else if kind >= 8 {
+            1
         } else {
-            rng.gen_range(1..=9)
+            rng.gen_range(1..=11)
                 .min(remaining - (remaining_sessions - 1))
         }
         .max(1);
@@ -96,7 +105,6 @@ async fn seed() -> Seeded {
         let user = users[((u * u) * USERS as f64) as usize % USERS];
         let (provider, model) = models[rng.gen_range(0..models.len())];
         let client = clients[rng.gen_range(0..clients.len())];
-        let kind = rng.gen_range(0..10);
         let client_session = (kind < 4).then(|| format!("sess-{s}-{}", rng.gen::<u32>()));
         let mut at = start + chrono::Duration::milliseconds(rng.gen_range(0..span_ms));
         let mut root: Option<Uuid> = None;
@@ -104,7 +112,6 @@ async fn seed() -> Seeded {
         for n in 0..len {
             let id = uuid_v7_at(at, &mut rng);
             let ended = at + chrono::Duration::milliseconds(rng.gen_range(300..20_000));
-            // kind 4..8: a tool-call thread; the rest: lone calls or client sessions.
             let threaded = (4..8).contains(&kind) && n > 0;
             let thread_root_id = if threaded { root } else { None };
             let session_key = match (&client_session, threaded) {
@@ -212,8 +219,17 @@ fn api_queries(c: &mut Criterion) {
     let total = rt
         .block_on(seeded.store.count_interceptions())
         .expect("count");
+    let sessions = rt
+        .block_on(
+            seeded
+                .store
+                .queries()
+                .list_sessions(&InterceptionFilter::default(), None, 1),
+        )
+        .expect("sessions")
+        .count;
     eprintln!(
-        "seeded {total} interceptions, {USERS} users, {SESSIONS} sessions in {:.1} s",
+        "seeded {total} interceptions, {USERS} users, {sessions} sessions in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     let store = seeded.store.clone();
@@ -281,6 +297,12 @@ fn api_queries(c: &mut Criterion) {
             }),
         ),
         (
+            "sessions list, admin, limit 1 (mostly the count)",
+            Box::new(|| {
+                black_box(rt.block_on(q.list_sessions(&all, None, 1)).expect("q"));
+            }),
+        ),
+        (
             "sessions list, admin, page 51",
             Box::new(|| {
                 black_box(
@@ -339,6 +361,15 @@ fn api_queries(c: &mut Criterion) {
             Box::new(|| {
                 black_box(
                     rt.block_on(q.list_interceptions(&heavy_user, None, 100))
+                        .expect("q"),
+                );
+            }),
+        ),
+        (
+            "interceptions list, model filter",
+            Box::new(|| {
+                black_box(
+                    rt.block_on(q.list_interceptions(&by_model, None, 100))
                         .expect("q"),
                 );
             }),

@@ -45,10 +45,21 @@ fn decision(c: &mut Criterion) {
         b.iter(|| {
             next = (next + 1) % secrets.len();
             let secret = secrets[next].as_str();
-            let p = keys.cached(&hash_key(black_box(secret))).flatten().expect("cache hit");
-            let permit = governance.check_rate(p.user_id).expect("under the rate limit");
+            let p = keys
+                .cached(&hash_key(black_box(secret)))
+                .flatten()
+                .expect("cache hit");
+            let permit = governance
+                .check_rate(p.user_id)
+                .expect("under the rate limit");
             let admission = governance
-                .admit(&p, black_box("claude-sonnet-4-5-20250929"), 4_000, Some(1024), Utc::now())
+                .admit(
+                    &p,
+                    black_box("claude-sonnet-4-5-20250929"),
+                    4_000,
+                    Some(1024),
+                    Utc::now(),
+                )
                 .expect("within budget");
             governance.settle(admission, NanoUsd(14_205_000));
             drop(black_box(permit));

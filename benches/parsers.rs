@@ -11,17 +11,56 @@ use tollgate::providers::{Endpoint, ProviderKind, TokenUsage, UsageChunkStripper
 use tollgate::sse::SseParser;
 
 const FIXTURES: &[(&str, ProviderKind, Endpoint, bool)] = &[
-    ("openai-chat.json", ProviderKind::OpenAi, Endpoint::ChatCompletions, false),
-    ("openai-chat-stream.sse", ProviderKind::OpenAi, Endpoint::ChatCompletions, true),
-    ("openai-chat-tools-stream.sse", ProviderKind::OpenAi, Endpoint::ChatCompletions, true),
-    ("openai-responses.json", ProviderKind::OpenAi, Endpoint::Responses, false),
-    ("openai-responses-stream.sse", ProviderKind::OpenAi, Endpoint::Responses, true),
-    ("anthropic-messages.json", ProviderKind::Anthropic, Endpoint::Messages, false),
-    ("anthropic-messages-stream.sse", ProviderKind::Anthropic, Endpoint::Messages, true),
+    (
+        "openai-chat.json",
+        ProviderKind::OpenAi,
+        Endpoint::ChatCompletions,
+        false,
+    ),
+    (
+        "openai-chat-stream.sse",
+        ProviderKind::OpenAi,
+        Endpoint::ChatCompletions,
+        true,
+    ),
+    (
+        "openai-chat-tools-stream.sse",
+        ProviderKind::OpenAi,
+        Endpoint::ChatCompletions,
+        true,
+    ),
+    (
+        "openai-responses.json",
+        ProviderKind::OpenAi,
+        Endpoint::Responses,
+        false,
+    ),
+    (
+        "openai-responses-stream.sse",
+        ProviderKind::OpenAi,
+        Endpoint::Responses,
+        true,
+    ),
+    (
+        "anthropic-messages.json",
+        ProviderKind::Anthropic,
+        Endpoint::Messages,
+        false,
+    ),
+    (
+        "anthropic-messages-stream.sse",
+        ProviderKind::Anthropic,
+        Endpoint::Messages,
+        true,
+    ),
 ];
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture")
 }
 
 /// Feeds a body in 512-byte chunks, as a network read would deliver it.
@@ -92,11 +131,19 @@ fn cost(c: &mut Criterion) {
     };
     c.bench_function("price_lookup_and_cost", |b| {
         b.iter(|| {
-            let price = book.lookup(black_box("claude-sonnet-4-5-20250929")).expect("priced");
+            let price = book
+                .lookup(black_box("claude-sonnet-4-5-20250929"))
+                .expect("priced");
             black_box(pricing::cost(&usage, price))
         })
     });
 }
 
-criterion_group!(benches, sse_parser, usage_extraction, usage_chunk_stripper, cost);
+criterion_group!(
+    benches,
+    sse_parser,
+    usage_extraction,
+    usage_chunk_stripper,
+    cost
+);
 criterion_main!(benches);

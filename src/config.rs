@@ -459,7 +459,9 @@ impl<'p> Reader<'p> {
         let keys_table = self.section(root, "keys");
         let keys = self.keys(&keys_table);
         let vault = VaultConfig {
-            secret_key_file: self.string(&keys_table, "keys", "secret_key_file", "data/secret.key").into(),
+            secret_key_file: self
+                .string(&keys_table, "keys", "secret_key_file", "data/secret.key")
+                .into(),
         };
         let pricing = self.pricing(root);
         let budgets = self.budgets(root);
@@ -563,7 +565,10 @@ impl<'p> Reader<'p> {
             let amount = |this: &mut Self, key: &str, required: bool| -> Option<NanoUsd> {
                 match this.opt_string(m, &path, key) {
                     None if required => {
-                        this.problem(format!("{path}.{key}"), "required (USD per million tokens, a decimal string)");
+                        this.problem(
+                            format!("{path}.{key}"),
+                            "required (USD per million tokens, a decimal string)",
+                        );
                         None
                     }
                     None => Some(NanoUsd(0)),
@@ -590,14 +595,26 @@ impl<'p> Reader<'p> {
                 None => input,
                 Some(_) => amount(self, "cache_write", false),
             };
-            let output_limit = self.opt_int(m, &path, "output_limit", 1, i64::MAX).map(|v| v as u64);
+            let output_limit = self
+                .opt_int(m, &path, "output_limit", 1, i64::MAX)
+                .map(|v| v as u64);
             let provider = self.string(m, &path, "provider", "");
             self.unknown_keys(
                 m,
                 &path,
-                &["model", "provider", "input", "output", "cache_read", "cache_write", "output_limit"],
+                &[
+                    "model",
+                    "provider",
+                    "input",
+                    "output",
+                    "cache_read",
+                    "cache_write",
+                    "output_limit",
+                ],
             );
-            if let (Some(input), Some(output), Some(cache_read), Some(cache_write)) = (input, output, cache_read, cache_write) {
+            if let (Some(input), Some(output), Some(cache_read), Some(cache_write)) =
+                (input, output, cache_read, cache_write)
+            {
                 out.push(PriceOverride {
                     provider,
                     model,

@@ -108,7 +108,11 @@ fn main() -> ExitCode {
             eprint!("{e}");
             // check-config's job is to judge the config: a bad one is its failure (1); for every
             // other command a bad config is a usage error (2).
-            let code = if matches!(cli.command, Command::CheckConfig) { 1 } else { 2 };
+            let code = if matches!(cli.command, Command::CheckConfig) {
+                1
+            } else {
+                2
+            };
             return ExitCode::from(code);
         }
     };

@@ -182,7 +182,8 @@ async fn refresh_governance(state: Arc<GatewayState>) {
         match state.store.active_seat_count(active_since).await {
             Ok(n) => {
                 metrics::gauge!(telemetry::metric::SEATS_USED).set(f64::from(n));
-                metrics::gauge!(telemetry::metric::SEATS_LIMIT).set(f64::from(state.config.seats.limit.unwrap_or(0)));
+                metrics::gauge!(telemetry::metric::SEATS_LIMIT)
+                    .set(f64::from(state.config.seats.limit.unwrap_or(0)));
             }
             Err(e) => tracing::warn!(error = %e, "seat count failed"),
         }

@@ -1640,6 +1640,12 @@ async fn the_openapi_document_is_valid_and_matches_the_served_routes() {
             "{method} {concrete}: {}",
             r.text
         );
+        for secret in [&root[3..], OPENAI_CENTRAL_KEY, ANTHROPIC_CENTRAL_KEY] {
+            assert!(
+                !r.text.contains(secret),
+                "{method} {concrete} leaked a secret"
+            );
+        }
     }
     // An undocumented path is not served.
     let r = get(&tg, &root, "/api/v2/aibridge/interceptions/x/y").await;
@@ -2045,27 +2051,12 @@ async fn the_proxy_ca_certificate_is_served_only_when_the_proxy_is_on() {
     }
     drop(tg);
 
-    let certs = tempfile::tempdir().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Tollgate test CA");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let cert_path = certs.path().join("ca.pem");
-    let key_path = certs.path().join("ca.key");
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let tg = start(
-        &upstream,
-        &format!(
-            "[proxy]\nenabled = true\nlisten = \"127.0.0.1:0\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-    )
-    .await;
+    // With the proxy on (its CA made by `tollgate ca init`), the certificate is served as is.
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .proxy("")
+        .start()
+        .await;
     let r = call(
         &tg,
         Method::GET,
@@ -2076,7 +2067,8 @@ async fn the_proxy_ca_certificate_is_served_only_when_the_proxy_is_on() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.content_type, "application/x-pem-file");
-    assert_eq!(r.text, cert.pem());
+    assert_eq!(r.text, tg.proxy_ca_pem());
+    assert!(r.text.starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
 // ---- retention (library) -----------------------------------------------------------------------

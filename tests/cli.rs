@@ -7,7 +7,12 @@ use std::process::Command;
 use common::server::BIN;
 
 fn run(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).current_dir(dir).env_remove("TOLLGATE_DATABASE__URL").output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("TOLLGATE_DATABASE__URL")
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -19,10 +24,18 @@ fn check_config_reports_every_problem_with_its_key_path() {
         "[server]\ngateway_listen = \"nowhere\"\n[limits]\nrequests_per_minute = -5\n[budgets]\nperiod = \"fortnight\"\n[keys]\ncentral_api_key_enabled = false\nallow_user_api_key = false\n",
     )
     .unwrap();
-    let out = run(dir.path(), &["check-config", "--config", bad.to_str().unwrap()]);
+    let out = run(
+        dir.path(),
+        &["check-config", "--config", bad.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    for path in ["server.gateway_listen", "limits.requests_per_minute", "budgets.period", "keys:"] {
+    for path in [
+        "server.gateway_listen",
+        "limits.requests_per_minute",
+        "budgets.period",
+        "keys:",
+    ] {
         assert!(err.contains(path), "{path} missing from:\n{err}");
     }
     // The same config is a usage error (2) for any other command.
@@ -30,9 +43,25 @@ fn check_config_reports_every_problem_with_its_key_path() {
     assert_eq!(out.status.code(), Some(2));
 
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tollgate.example.toml")).unwrap()).unwrap();
-    let out = run(dir.path(), &["check-config", "--config", good.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &good,
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/tollgate.example.toml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &["check-config", "--config", good.to_str().unwrap()],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Environment overrides are validated too.
     let out = Command::new(BIN)
         .args(["check-config", "--config", good.to_str().unwrap()])
@@ -42,21 +71,46 @@ fn check_config_reports_every_problem_with_its_key_path() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_concurrent"));
     // Unknown flags are usage errors.
-    assert_eq!(run(dir.path(), &["serve", "--bogus"]).status.code(), Some(2));
+    assert_eq!(
+        run(dir.path(), &["serve", "--bogus"]).status.code(),
+        Some(2)
+    );
 }
 
 #[test]
 fn users_and_keys_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("t.toml");
-    std::fs::write(&config, format!("[database]\nurl = \"sqlite://{}/t.db\"\n", dir.path().display())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"sqlite://{}/t.db\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
     let c = config.to_str().unwrap();
-    let out = run(dir.path(), &["users", "create", "ada", "--admin", "--group", "eng", "--config", c]);
+    let out = run(
+        dir.path(),
+        &[
+            "users", "create", "ada", "--admin", "--group", "eng", "--config", c,
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("created user ada"));
     // A second user of the same name is refused (runtime failure, exit 1).
-    assert_eq!(run(dir.path(), &["users", "create", "ada", "--config", c]).status.code(), Some(1));
-    let out = run(dir.path(), &["keys", "create", "--user", "ada", "--name", "laptop", "--config", c]);
+    assert_eq!(
+        run(dir.path(), &["users", "create", "ada", "--config", c])
+            .status
+            .code(),
+        Some(1)
+    );
+    let out = run(
+        dir.path(),
+        &[
+            "keys", "create", "--user", "ada", "--name", "laptop", "--config", c,
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let key = String::from_utf8(out.stdout).unwrap();
     let key = key.trim();
@@ -64,10 +118,30 @@ fn users_and_keys_from_the_cli() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let id = stderr.split_whitespace().nth(2).unwrap().to_string();
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "{stderr}");
-    assert_eq!(run(dir.path(), &["keys", "create", "--user", "nobody", "--config", c]).status.code(), Some(1));
-    assert!(run(dir.path(), &["keys", "revoke", &id, "--config", c]).status.success());
-    assert_eq!(run(dir.path(), &["keys", "revoke", &id, "--config", c]).status.code(), Some(1));
-    assert_eq!(run(dir.path(), &["keys", "revoke", "not-a-uuid", "--config", c]).status.code(), Some(2));
+    assert_eq!(
+        run(
+            dir.path(),
+            &["keys", "create", "--user", "nobody", "--config", c]
+        )
+        .status
+        .code(),
+        Some(1)
+    );
+    assert!(run(dir.path(), &["keys", "revoke", &id, "--config", c])
+        .status
+        .success());
+    assert_eq!(
+        run(dir.path(), &["keys", "revoke", &id, "--config", c])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        run(dir.path(), &["keys", "revoke", "not-a-uuid", "--config", c])
+            .status
+            .code(),
+        Some(2)
+    );
     // Only the hash of the key is stored.
     let db = std::fs::read(dir.path().join("t.db")).unwrap();
     assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()));

@@ -1070,7 +1070,10 @@ async fn keep_alive_health_metrics_and_no_secret_in_any_log_line() {
     // with its own idle-watch task under heavy load and open a fresh one now and then, so this
     // checks reuse (far fewer connections than requests), not an exact count.
     let opened = upstream.connections_accepted();
-    assert!(opened <= 3, "10 sequential requests opened {opened} upstream connections");
+    assert!(
+        opened <= 3,
+        "10 sequential requests opened {opened} upstream connections"
+    );
     let bad = c
         .post(&url)
         .bearer_auth("tg_ffffffffffffffffffffffffffffffffffffffffffffffff")
@@ -1164,25 +1167,34 @@ async fn the_gateway_listener_can_serve_https() {
     let client = reqwest::Client::builder()
         .no_proxy()
         .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
-        .resolve("localhost", tg.gateway.trim_start_matches("https://").parse().unwrap())
+        .resolve(
+            "localhost",
+            tg.gateway.trim_start_matches("https://").parse().unwrap(),
+        )
         .build()
         .unwrap();
     let port = tg.gateway.rsplit(':').next().unwrap();
     let resp = client
-        .post(format!("https://localhost:{port}/openai/v1/chat/completions"))
+        .post(format!(
+            "https://localhost:{port}/openai/v1/chat/completions"
+        ))
         .bearer_auth(&key)
         .json(&chat_request(false, false))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.bytes().await.unwrap().as_ref(), fixture_bytes("openai-chat.json").as_slice());
+    assert_eq!(
+        resp.bytes().await.unwrap().as_ref(),
+        fixture_bytes("openai-chat.json").as_slice()
+    );
     tg.wait_for_interceptions(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_log_record_type_carries_its_contract_fields() {
-    let upstream = MockUpstream::always(MockResponse::fixture("anthropic-messages-stream.sse")).await;
+    let upstream =
+        MockUpstream::always(MockResponse::fixture("anthropic-messages-stream.sse")).await;
     let (tg, key) = gateway_with(&upstream).await;
     let resp = http()
         .post(format!("{}/anthropic/v1/messages", tg.gateway))
@@ -1202,10 +1214,29 @@ async fn every_log_record_type_carries_its_contract_fields() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|r| r["message"] == "interception log" && r["interception_id"] == id.as_str())
         .collect();
-    let of = |t: &str| records.iter().find(|r| r["record_type"] == t).unwrap_or_else(|| panic!("no {t} record")).clone();
+    let of = |t: &str| {
+        records
+            .iter()
+            .find(|r| r["record_type"] == t)
+            .unwrap_or_else(|| panic!("no {t} record"))
+            .clone()
+    };
     let start = of("interception_start");
-    for f in ["initiator_id", "api_key_id", "provider", "model", "client", "client_session_id", "started_at", "thread_parent_id", "thread_root_id"] {
-        assert!(start.get(f).is_some(), "interception_start lacks {f}: {start}");
+    for f in [
+        "initiator_id",
+        "api_key_id",
+        "provider",
+        "model",
+        "client",
+        "client_session_id",
+        "started_at",
+        "thread_parent_id",
+        "thread_root_id",
+    ] {
+        assert!(
+            start.get(f).is_some(),
+            "interception_start lacks {f}: {start}"
+        );
     }
     assert_eq!(start["client"], "Claude Code");
     assert_eq!(start["client_session_id"], "cc-session-1");
@@ -1214,28 +1245,65 @@ async fn every_log_record_type_carries_its_contract_fields() {
     assert_eq!(end["cost_nano_usd"], 14_205_000);
     assert!(end["ended_at"].is_string());
     let usage = of("token_usage");
-    assert_eq!((usage["input_tokens"].as_i64(), usage["output_tokens"].as_i64()), (Some(420), Some(233)));
-    assert_eq!((usage["cache_read_input_tokens"].as_i64(), usage["cache_write_input_tokens"].as_i64()), (Some(9000), Some(1800)));
+    assert_eq!(
+        (
+            usage["input_tokens"].as_i64(),
+            usage["output_tokens"].as_i64()
+        ),
+        (Some(420), Some(233))
+    );
+    assert_eq!(
+        (
+            usage["cache_read_input_tokens"].as_i64(),
+            usage["cache_write_input_tokens"].as_i64()
+        ),
+        (Some(9000), Some(1800))
+    );
     assert_eq!(usage["msg_id"], "msg_01TGfixture0001");
     assert_eq!(of("prompt_usage")["prompt"], "Fix the flaky test.");
     let tool = of("tool_usage");
-    assert_eq!((tool["tool"].as_str(), tool["tool_call_id"].as_str()), (Some("read_file"), Some("toolu_01TGreadfile")));
-    assert_eq!(serde_json::from_str::<Value>(tool["input"].as_str().unwrap()).unwrap(), json!({"path": "tests/retry.rs", "max_lines": 200}));
+    assert_eq!(
+        (tool["tool"].as_str(), tool["tool_call_id"].as_str()),
+        (Some("read_file"), Some("toolu_01TGreadfile"))
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(tool["input"].as_str().unwrap()).unwrap(),
+        json!({"path": "tests/retry.rs", "max_lines": 200})
+    );
     assert_eq!(tool["injected"], false);
-    assert_eq!(of("model_thought")["content"], "The user wants the flaky test fixed. Look at the retry loop first.");
+    assert_eq!(
+        of("model_thought")["content"],
+        "The user wants the flaky test fixed. Look at the retry loop first."
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_leaves_before_the_first_byte_cancels_the_upstream_call() {
-    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json").first_byte_delay(Duration::from_secs(3))).await;
+    let upstream = MockUpstream::always(
+        MockResponse::fixture("openai-chat.json").first_byte_delay(Duration::from_secs(3)),
+    )
+    .await;
     let (tg, key) = gateway_with(&upstream).await;
     let url = format!("{}/openai/v1/chat/completions", tg.gateway);
-    let attempt = http().post(&url).bearer_auth(&key).json(&chat_request(false, false)).timeout(Duration::from_millis(400)).send().await;
+    let attempt = http()
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&chat_request(false, false))
+        .timeout(Duration::from_millis(400))
+        .send()
+        .await;
     assert!(attempt.is_err(), "the client gave up first");
     let started = Instant::now();
     let db = tg.wait_for_interceptions(1).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "recorded as soon as the client left, not when the upstream answered");
-    let (status, error): (String, String) = sqlx::query_as("SELECT status, error FROM interceptions").fetch_one(&db).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "recorded as soon as the client left, not when the upstream answered"
+    );
+    let (status, error): (String, String) =
+        sqlx::query_as("SELECT status, error FROM interceptions")
+            .fetch_one(&db)
+            .await
+            .unwrap();
     assert_eq!(status, "client_aborted");
     assert!(error.contains("before the response"), "{error}");
 }

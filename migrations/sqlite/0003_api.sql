@@ -13,3 +13,12 @@ DROP INDEX IF EXISTS interceptions_ended;
 -- The same two walks restricted to one initiator (members, `initiator:` filters).
 CREATE INDEX interceptions_user_id ON interceptions(user_id, id);
 CREATE INDEX interceptions_user_ended_session ON interceptions(user_id, ended_at, session_key);
+
+-- Counting the sessions of a filtered list (COUNT of distinct session keys) reads only index
+-- entries when the filter's column leads an index that ends in session_key. These replace the
+-- plain (client) and (provider, model) indexes, whose lookups they also serve.
+CREATE INDEX interceptions_model_session ON interceptions(model, session_key);
+CREATE INDEX interceptions_client_session ON interceptions(client, session_key);
+DROP INDEX IF EXISTS interceptions_client;
+CREATE INDEX interceptions_provider_model_session ON interceptions(provider, model, session_key);
+DROP INDEX IF EXISTS interceptions_provider_model;

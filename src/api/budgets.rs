@@ -7,7 +7,7 @@
 //! Not here: resolving which cap applies to a user, or pricing an interception (`governance`).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
@@ -234,6 +234,12 @@ pub async fn delete_scoped_budget(
 
 // ---- pricing ---------------------------------------------------------------------------------
 
+/// The shipped price book, parsed once (it is compiled in and never changes).
+fn shipped_prices() -> &'static PriceBook {
+    static BOOK: OnceLock<PriceBook> = OnceLock::new();
+    BOOK.get_or_init(PriceBook::builtin)
+}
+
 /// A model's effective price, per million tokens.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Price {
@@ -314,7 +320,7 @@ pub async fn list_prices(
     uri: Uri,
 ) -> Result<Json<PriceList>, ApiError> {
     Params::from_uri(&uri, &[])?;
-    let builtin = PriceBook::builtin();
+    let builtin = shipped_prices();
     let mut prices: BTreeMap<String, Price> = builtin
         .iter()
         .map(|l| {
@@ -375,7 +381,7 @@ pub async fn put_price(
     };
     let provider = match body.provider {
         Some(p) => p,
-        None => PriceBook::builtin()
+        None => shipped_prices()
             .iter()
             .find(|l| l.model == model)
             .map(|l| l.provider.to_string())

@@ -16,6 +16,7 @@ pub mod budgets;
 pub mod error;
 pub mod extract;
 pub mod interceptions;
+pub mod me;
 pub mod query;
 pub mod seats;
 pub mod sessions;
@@ -108,6 +109,9 @@ pub fn routes() -> (Router<Arc<GatewayState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(budgets::delete_scoped_budget))
         .routes(routes!(budgets::list_prices))
         .routes(routes!(budgets::put_price, budgets::delete_price))
+        .routes(routes!(me::my_budget))
+        .routes(routes!(me::list_provider_keys))
+        .routes(routes!(me::put_provider_key, me::delete_provider_key))
         .routes(routes!(system::ca_cert))
         .routes(routes!(system::openapi))
         .routes(routes!(system::metrics))

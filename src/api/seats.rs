@@ -1,7 +1,7 @@
 //! `GET /api/v2/seats`: AI seat use against the licensed limit, and who holds the seats.
 //!
 //! A user holds a seat from their first interception for as long as they stay active (an
-//! interception within the last [`ACTIVE_DAYS`] days). The status and its message come from
+//! interception within the last `seats.active_days` days). The status and its message come from
 //! `governance::seats`.
 //!
 //! Not here: recording seat holders (the recorder) or the seat metrics.
@@ -21,9 +21,6 @@ use super::extract::Params;
 use super::interceptions::Initiator;
 use crate::gateway::GatewayState;
 use crate::governance::seats::seat_status;
-
-/// Days without an interception after which a user no longer holds a seat.
-pub const ACTIVE_DAYS: i64 = 30;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SeatHolder {
@@ -65,7 +62,7 @@ pub async fn seats(
     uri: Uri,
 ) -> Result<Json<SeatsReport>, ApiError> {
     Params::from_uri(&uri, &[])?;
-    let since = Utc::now() - chrono::Duration::days(ACTIVE_DAYS);
+    let since = Utc::now() - chrono::Duration::days(i64::from(state.config.seats.active_days));
     let holders = state.store.queries().seat_holders(since).await?;
     let actual = u32::try_from(holders.len()).unwrap_or(u32::MAX);
     let status = seat_status(state.config.seats.limit, actual);

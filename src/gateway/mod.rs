@@ -160,7 +160,11 @@ impl Gateway {
 
     /// The gateway behind one decrypted CONNECT tunnel: every request inside goes to
     /// `provider` and is made by the holder of `tollgate_key` (the proxy credentials).
-    pub fn for_tunnel(state: Arc<GatewayState>, provider: Arc<ProviderRoute>, tollgate_key: String) -> Gateway {
+    pub fn for_tunnel(
+        state: Arc<GatewayState>,
+        provider: Arc<ProviderRoute>,
+        tollgate_key: String,
+    ) -> Gateway {
         Gateway {
             state,
             fixed_provider: Some(provider),
@@ -313,13 +317,24 @@ impl Gateway {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Stop> {
         let routed = self.route(session)?;
         if self.tunnel_key.is_some() {
-            metrics::counter!(metric::MITM_REQUESTS_TOTAL, "provider" => routed.route.name.clone()).increment(1);
+            metrics::counter!(metric::MITM_REQUESTS_TOTAL, "provider" => routed.route.name.clone())
+                .increment(1);
         }
         let (principal, key_source) = self.authenticate(session, &routed.route).await?;
-        ctx._permit = Some(self.state.governance.check_rate(principal.user_id).map_err(denial_refusal)?);
+        ctx._permit = Some(
+            self.state
+                .governance
+                .check_rate(principal.user_id)
+                .map_err(denial_refusal)?,
+        );
         let body = read_body(session, self.state.config.limits.max_body_bytes).await?;
         let credential = self
-            .credential(&routed.route, &session.req_header().headers, key_source, &principal)
+            .credential(
+                &routed.route,
+                &session.req_header().headers,
+                key_source,
+                &principal,
+            )
             .await?;
         let endpoint = match routed.target {
             RouteMatch::Intercept(endpoint) => endpoint,
@@ -347,7 +362,13 @@ impl Gateway {
         let admission = self
             .state
             .governance
-            .admit(&principal, &request.model, body_len(&upstream_body), request.max_output_tokens, Utc::now())
+            .admit(
+                &principal,
+                &request.model,
+                body_len(&upstream_body),
+                request.max_output_tokens,
+                Utc::now(),
+            )
             .map_err(denial_refusal)?;
         let mut open = self
             .open_interception(session, &routed, endpoint, request, principal, &credential)
@@ -491,7 +512,10 @@ impl Gateway {
             };
         }
         // Only with the Tollgate key in its own header do Authorization/x-api-key carry a user key.
-        let user_key = if matches!(source, KeySource::TollgateHeader | KeySource::ProxyCredentials) {
+        let user_key = if matches!(
+            source,
+            KeySource::TollgateHeader | KeySource::ProxyCredentials
+        ) {
             bearer
                 .or_else(|| text("x-api-key"))
                 .filter(|k| !k.is_empty())
@@ -501,7 +525,9 @@ impl Gateway {
         // A key the user stored is the fallback for one sent with the request.
         let user_key = match user_key {
             Some(k) => Some(k),
-            None if self.state.config.keys.allow_user_api_key => self.stored_key(principal.user_id, &route.name).await,
+            None if self.state.config.keys.allow_user_api_key => {
+                self.stored_key(principal.user_id, &route.name).await
+            }
             None => None,
         };
         choose_credential(
@@ -526,7 +552,10 @@ impl Gateway {
             .spawn(async move { store.sealed_provider_key(user, &name).await })
             .await
             .ok()
-            .and_then(|r| r.map_err(|e| tracing::error!(error = %e, "stored key lookup failed")).ok())
+            .and_then(|r| {
+                r.map_err(|e| tracing::error!(error = %e, "stored key lookup failed"))
+                    .ok()
+            })
             .flatten();
         let key = sealed.and_then(|row| {
             let sealed = crate::governance::keyvault::Sealed {
@@ -731,7 +760,11 @@ impl Gateway {
         }
         if let Some(o) = open.as_deref() {
             let _ = downstream_head.insert_header("x-tollgate-interception-id", o.id.to_string());
-            let view = self.state.governance.budget_view(o.principal.user_id, &o.principal.group_ids, Utc::now());
+            let view = self.state.governance.budget_view(
+                o.principal.user_id,
+                &o.principal.group_ids,
+                Utc::now(),
+            );
             for (name, value) in budget_headers(&view) {
                 let _ = downstream_head.insert_header(name, value);
             }
@@ -949,7 +982,11 @@ impl Gateway {
         let admission = open.admission.take();
         let price = admission.as_ref().and_then(|a| a.price).or_else(|| {
             let prices = self.state.prices();
-            summary.model.as_deref().and_then(|m| prices.lookup(m)).copied()
+            summary
+                .model
+                .as_deref()
+                .and_then(|m| prices.lookup(m))
+                .copied()
         });
         let cost = price
             .as_ref()
@@ -1107,14 +1144,32 @@ fn denial_refusal(denial: Denial) -> Refusal {
 /// `x-tollgate-budget-*` headers on every intercepted response.
 pub fn budget_headers(view: &crate::governance::BudgetView) -> [(&'static str, String); 5] {
     [
-        ("x-tollgate-budget-limit", view.cap.map(|c| c.to_string()).unwrap_or_else(|| "none".into())),
+        (
+            "x-tollgate-budget-limit",
+            view.cap
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "none".into()),
+        ),
         ("x-tollgate-budget-spent", view.spent.to_string()),
         (
             "x-tollgate-budget-remaining",
-            view.remaining().map(|r| r.to_string()).unwrap_or_else(|| "unlimited".into()),
+            view.remaining()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "unlimited".into()),
         ),
-        ("x-tollgate-budget-scope", view.scope.as_ref().map(|s| s.as_str()).unwrap_or("none").to_string()),
-        ("x-tollgate-budget-reset", view.reset.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        (
+            "x-tollgate-budget-scope",
+            view.scope
+                .as_ref()
+                .map(|s| s.as_str())
+                .unwrap_or("none")
+                .to_string(),
+        ),
+        (
+            "x-tollgate-budget-reset",
+            view.reset
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ),
     ]
 }
 

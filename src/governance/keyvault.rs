@@ -46,7 +46,9 @@ fn decode_secret(text: &str) -> Option<[u8; 32]> {
     let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         hex::decode(text).ok()?
     } else {
-        base64::engine::general_purpose::STANDARD.decode(text).ok()?
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?
     };
     bytes.try_into().ok()
 }
@@ -62,7 +64,9 @@ impl KeyVault {
     /// when missing; refused when readable by others).
     pub fn load(env_secret: Option<&str>, key_file: &Path) -> Result<KeyVault, VaultError> {
         if let Some(s) = env_secret {
-            return decode_secret(s).map(KeyVault::from_key).ok_or(VaultError::BadSecret);
+            return decode_secret(s)
+                .map(KeyVault::from_key)
+                .ok_or(VaultError::BadSecret);
         }
         let err = |reason: String| VaultError::KeyFile {
             path: key_file.display().to_string(),
@@ -138,9 +142,15 @@ fn check_private(path: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).map_err(|e| e.to_string())?.permissions().mode();
+        let mode = std::fs::metadata(path)
+            .map_err(|e| e.to_string())?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
-            return Err(format!("mode {:o} lets others read it; chmod 600", mode & 0o777));
+            return Err(format!(
+                "mode {:o} lets others read it; chmod 600",
+                mode & 0o777
+            ));
         }
     }
     Ok(())
@@ -158,7 +168,9 @@ mod tests {
         assert_eq!(v.open("user-1", "openai", &s).unwrap(), "sk-secret");
         assert!(v.open("user-2", "openai", &s).is_err());
         assert!(v.open("user-1", "anthropic", &s).is_err());
-        assert!(KeyVault::from_key([8; 32]).open("user-1", "openai", &s).is_err());
+        assert!(KeyVault::from_key([8; 32])
+            .open("user-1", "openai", &s)
+            .is_err());
     }
 
     #[test]
@@ -172,7 +184,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             assert!(KeyVault::load(None, &path).is_err());
         }
@@ -183,6 +198,9 @@ mod tests {
         assert!(KeyVault::load(Some(&"ab".repeat(32)), Path::new("/nonexistent")).is_ok());
         let b64 = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
         assert!(KeyVault::load(Some(&b64), Path::new("/nonexistent")).is_ok());
-        assert!(matches!(KeyVault::load(Some("short"), Path::new("/x")), Err(VaultError::BadSecret)));
+        assert!(matches!(
+            KeyVault::load(Some("short"), Path::new("/x")),
+            Err(VaultError::BadSecret)
+        ));
     }
 }

@@ -34,10 +34,19 @@ use pricing::{ModelPrice, PriceBook};
 /// Why governance said no.
 #[derive(Debug)]
 pub enum Denial {
-    RateLimited { retry_after: Duration },
-    TooManyInFlight { limit: u32 },
-    Budget { refusal: BudgetRefusal, reset: DateTime<Utc> },
-    Unpriced { model: String },
+    RateLimited {
+        retry_after: Duration,
+    },
+    TooManyInFlight {
+        limit: u32,
+    },
+    Budget {
+        refusal: BudgetRefusal,
+        reset: DateTime<Utc>,
+    },
+    Unpriced {
+        model: String,
+    },
 }
 
 /// A user's budget as the response headers and `/users/me/budget` show it.
@@ -53,7 +62,8 @@ pub struct BudgetView {
 
 impl BudgetView {
     pub fn remaining(&self) -> Option<NanoUsd> {
-        self.cap.map(|c| NanoUsd(c.0.saturating_sub(self.spent.0).max(0)))
+        self.cap
+            .map(|c| NanoUsd(c.0.saturating_sub(self.spent.0).max(0)))
     }
 }
 
@@ -126,7 +136,9 @@ impl Governance {
     ) -> Result<Admission, Denial> {
         let price = self.prices().lookup(model).copied();
         if price.is_none() && self.budgets.unpriced == UnpricedPolicy::Deny {
-            return Err(Denial::Unpriced { model: model.to_string() });
+            return Err(Denial::Unpriced {
+                model: model.to_string(),
+            });
         }
         let limits = self.limits.read().clone();
         let cap = budget::resolve_cap(&limits, principal.user_id, &principal.group_ids);
@@ -186,7 +198,10 @@ impl Governance {
             match (row.scope.as_str(), row.scope_id) {
                 ("default", _) => limits.default = Some(row.limit),
                 ("group", Some(id)) => {
-                    limits.groups.insert(id, (row.group_name.unwrap_or_else(|| id.to_string()), row.limit));
+                    limits.groups.insert(
+                        id,
+                        (row.group_name.unwrap_or_else(|| id.to_string()), row.limit),
+                    );
                 }
                 ("user", Some(id)) => {
                     limits.users.insert(id, row.limit);

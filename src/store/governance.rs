@@ -49,7 +49,11 @@ impl Store {
             let scope_id: String = r.get(1);
             out.push(SpendLimitRow {
                 scope: r.get(0),
-                scope_id: if scope_id.is_empty() { None } else { Some(parse_uuid(&scope_id)?) },
+                scope_id: if scope_id.is_empty() {
+                    None
+                } else {
+                    Some(parse_uuid(&scope_id)?)
+                },
                 group_name: r.get(2),
                 limit: NanoUsd(r.get(3)),
             });
@@ -81,7 +85,10 @@ impl Store {
 
     /// Spend per user for interceptions that ended at or after `since` (costs are charged when
     /// an interception ends, as the in-memory ledger does).
-    pub async fn spend_since(&self, since: DateTime<Utc>) -> Result<Vec<(Uuid, NanoUsd)>, StoreError> {
+    pub async fn spend_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, NanoUsd)>, StoreError> {
         let rows = sqlx::query(
             "SELECT user_id, SUM(cost_nano_usd) FROM interceptions WHERE ended_at >= ? GROUP BY user_id",
         )
@@ -97,14 +104,19 @@ impl Store {
 
     /// Users holding an AI seat: an interception within the window.
     pub async fn active_seat_count(&self, active_since: DateTime<Utc>) -> Result<u32, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seat_holders WHERE last_used_at >= ?")
-            .bind(millis(active_since))
-            .fetch_one(self.sqlite_pool())
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM seat_holders WHERE last_used_at >= ?")
+                .bind(millis(active_since))
+                .fetch_one(self.sqlite_pool())
+                .await?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
-    pub async fn sealed_provider_key(&self, user: Uuid, provider: &str) -> Result<Option<SealedKeyRow>, StoreError> {
+    pub async fn sealed_provider_key(
+        &self,
+        user: Uuid,
+        provider: &str,
+    ) -> Result<Option<SealedKeyRow>, StoreError> {
         let row = sqlx::query(
             "SELECT nonce, ciphertext, hint, updated_at FROM provider_keys WHERE user_id = ? AND provider = ?",
         )
@@ -144,7 +156,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn delete_provider_key(&self, user: Uuid, provider: &str) -> Result<bool, StoreError> {
+    pub async fn delete_provider_key(
+        &self,
+        user: Uuid,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query("DELETE FROM provider_keys WHERE user_id = ? AND provider = ?")
             .bind(user.to_string())
             .bind(provider)
@@ -154,11 +170,17 @@ impl Store {
     }
 
     /// (provider, hint, updated_at) of a user's stored keys.
-    pub async fn provider_key_hints(&self, user: Uuid) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+    pub async fn provider_key_hints(
+        &self,
+        user: Uuid,
+    ) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
         let rows = sqlx::query("SELECT provider, hint, updated_at FROM provider_keys WHERE user_id = ? ORDER BY provider")
             .bind(user.to_string())
             .fetch_all(self.sqlite_pool())
             .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), from_millis(r.get(2)))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), from_millis(r.get(2))))
+            .collect())
     }
 }

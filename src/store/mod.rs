@@ -25,13 +25,14 @@ use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
-pub use record::{CredentialKind, InterceptionRecord, InterceptionStatus};
-pub use recorder::{Recorder, RecorderHandle};
 pub use queries::{
     GroupDetail, GroupRef, InterceptionFilter, InterceptionPage, InterceptionRow, PriceOverride,
     PromptRow, Queries, SeatHolderRow, SessionCursor, SessionPage, SessionSummary, SpendLimitEntry,
-    SpendScope, ThoughtRow, ToolUsageRow, UsageFilter, UsageGroupBy, UsageRow, UsageSums, UserDetail,
+    SpendScope, ThoughtRow, ToolUsageRow, UsageFilter, UsageGroupBy, UsageRow, UsageSums,
+    UserDetail,
 };
+pub use record::{CredentialKind, InterceptionRecord, InterceptionStatus};
+pub use recorder::{Recorder, RecorderHandle};
 pub use retention::{purge_once, run_retention, spawn_retention, RETENTION_PURGED_TOTAL};
 
 #[derive(Debug, thiserror::Error)]

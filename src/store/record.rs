@@ -239,9 +239,13 @@ pub(super) async fn insert_batch_sqlite(
     }
     let seats: Vec<(Uuid, (i64, i64))> = seats.into_iter().collect();
     for chunk in seats.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ");
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
+        );
         qb.push_values(chunk, |mut b, (user, (first, last))| {
-            b.push_bind(user.to_string()).push_bind(*first).push_bind(*last);
+            b.push_bind(user.to_string())
+                .push_bind(*first)
+                .push_bind(*last);
         });
         qb.push(
             " ON CONFLICT(user_id) DO UPDATE SET first_used_at = MIN(first_used_at, excluded.first_used_at), \

@@ -195,7 +195,12 @@ impl TollgateBuilder {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // pingora binds after the log line; wait until the gateway port accepts.
-        let addr = tg.gateway.split("://").last().unwrap_or_default().to_string();
+        let addr = tg
+            .gateway
+            .split("://")
+            .last()
+            .unwrap_or_default()
+            .to_string();
         while tokio::net::TcpStream::connect(&addr).await.is_err() {
             assert!(Instant::now() < deadline, "gateway port never opened");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -389,6 +394,8 @@ impl Tollgate {
         let opts = SqliteConnectOptions::new()
             .filename(&self.db_path)
             .busy_timeout(Duration::from_secs(5));
-        SqlitePool::connect_with(opts).await.expect("open test db for writing")
+        SqlitePool::connect_with(opts)
+            .await
+            .expect("open test db for writing")
     }
 }
