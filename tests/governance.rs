@@ -799,3 +799,74 @@ async fn my_budget_reports_cap_spend_scope_and_reset() {
         .unwrap();
     assert_eq!(resp.status(), 409);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spend_survives_a_restart() {
+    let upstream = MockUpstream::always(MockResponse::fixture("anthropic-messages.json")).await;
+    let keep = tempfile::tempdir().unwrap();
+    let db = keep.path().join("state.db");
+    let config = "[budgets]\ndefault_limit_usd = \"0.02\"";
+    let tg = Tollgate::builder()
+        .provider("anthropic", "anthropic", &upstream.base_url())
+        .database(&db)
+        .extra(config)
+        .start()
+        .await;
+    let key = tg.user_key("ava");
+    let url = format!("{}/anthropic/v1/messages", tg.gateway);
+    assert_eq!(
+        http()
+            .post(&url)
+            .header("x-api-key", &key)
+            .json(&messages_request())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tg.wait_for_interceptions(1).await;
+    let (clean, _) = tg.stop().await;
+    assert!(clean);
+    // A new process on the same database knows ava already spent $0.014205 of her $0.02.
+    let tg = Tollgate::builder()
+        .provider("anthropic", "anthropic", &upstream.base_url())
+        .database(&db)
+        .extra(config)
+        .start()
+        .await;
+    let me: Value = http()
+        .get(format!("{}/api/v2/users/me/budget", tg.admin))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["spent_nano_usd"], CALL_COST);
+    let url = format!("{}/anthropic/v1/messages", tg.gateway);
+    // One more request is admitted (she is under the cap), which takes her past it; then 402.
+    assert_eq!(
+        http()
+            .post(&url)
+            .header("x-api-key", &key)
+            .json(&messages_request())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http()
+            .post(&url)
+            .header("x-api-key", &key)
+            .json(&messages_request())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        402
+    );
+}

@@ -29,6 +29,8 @@ pub struct TollgateBuilder {
     proxy: Option<String>,
     /// Files written into the instance's directory before it starts (path relative to it).
     files: Vec<(String, Vec<u8>)>,
+    /// Use this SQLite file instead of a fresh one (a restart of an earlier instance).
+    database: Option<PathBuf>,
 }
 
 impl TollgateBuilder {
@@ -50,6 +52,12 @@ impl TollgateBuilder {
     pub fn extra(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
         self.extra.push('\n');
+        self
+    }
+
+    /// Runs on an existing SQLite file (to restart on an earlier instance's state).
+    pub fn database(mut self, path: &Path) -> Self {
+        self.database = Some(path.to_path_buf());
         self
     }
 
@@ -82,7 +90,10 @@ impl TollgateBuilder {
 
     pub async fn start(self) -> Tollgate {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db_path = dir.path().join("tollgate.db");
+        let db_path = self
+            .database
+            .clone()
+            .unwrap_or_else(|| dir.path().join("tollgate.db"));
         let mut config = format!(
             "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrace_period_seconds = 0\n{}\n\
              [database]\nurl = \"sqlite://{}\"\n\n[auth]\nkey_cache_ttl_ms = 1000\n\n",
@@ -240,6 +251,7 @@ impl Tollgate {
             mitm: Vec::new(),
             proxy: None,
             files: Vec::new(),
+            database: None,
         }
     }
 
