@@ -6,9 +6,14 @@
 //!
 //! Not here: deciding what to record (the gateway does that) or storing it (the store does).
 
-use std::sync::OnceLock;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
 
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use parking_lot::RwLock;
 
 use crate::store::InterceptionRecord;
 
@@ -141,7 +146,7 @@ pub fn init_logging(structured: bool, level: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(|| LogWriter);
     let result = if structured {
         builder
             .json()
@@ -157,10 +162,94 @@ pub fn init_logging(structured: bool, level: &str) {
     }
 }
 
-/// Emits the contract's interception log records for one finished interception.
+thread_local! {
+    /// Whether this thread is inside a [`LineBatch`], and the lines it gathered so far.
+    static GATHERING: Cell<bool> = const { Cell::new(false) };
+    static GATHERED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A gathering buffer grown past this (a huge prompt) is shrunk back after its batch.
+const GATHER_KEEP: usize = 64 * 1024;
+
+/// stdout for the log subscriber. Inside a [`LineBatch`] the lines this thread formats are
+/// gathered and written with one `write` when the batch ends: an interception's five or more
+/// records cost one system call instead of one each.
+struct LogWriter;
+
+impl LogWriter {
+    /// Appends to this thread's batch if one is open; `false` when there is none.
+    fn gather(buf: &[u8]) -> bool {
+        if !GATHERING.get() {
+            return false;
+        }
+        GATHERED.with_borrow_mut(|g| g.extend_from_slice(buf));
+        true
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if Self::gather(buf) {
+            return Ok(buf.len());
+        }
+        std::io::stdout().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if Self::gather(buf) {
+            return Ok(());
+        }
+        std::io::stdout().write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if GATHERING.get() {
+            return Ok(());
+        }
+        std::io::stdout().flush()
+    }
+}
+
+/// Gathers this thread's log lines until dropped, then writes them to stdout as one block, in
+/// the order they were logged.
+struct LineBatch {
+    nested: bool,
+}
+
+impl LineBatch {
+    fn start() -> LineBatch {
+        LineBatch {
+            nested: GATHERING.replace(true),
+        }
+    }
+}
+
+impl Drop for LineBatch {
+    fn drop(&mut self) {
+        if self.nested {
+            return;
+        }
+        GATHERING.set(false);
+        GATHERED.with_borrow_mut(|g| {
+            if !g.is_empty() {
+                let _ = std::io::stdout().lock().write_all(g);
+                g.clear();
+            }
+            if g.capacity() > GATHER_KEEP {
+                g.shrink_to(GATHER_KEEP / 4);
+            }
+        });
+    }
+}
+
+/// Emits the contract's interception log records for one finished interception (written to
+/// stdout together, one system call).
 pub fn log_interception(r: &InterceptionRecord) {
     const MSG: &str = "interception log";
+    let _batch = LineBatch::start();
     let id = r.id.to_string();
+    let started_at = r.started_at.to_rfc3339();
+    let ended_at = r.ended_at.to_rfc3339();
     tracing::info!(
         target: "tollgate::interception",
         record_type = "interception_start",
@@ -171,7 +260,7 @@ pub fn log_interception(r: &InterceptionRecord) {
         model = %r.model,
         client = r.client,
         client_session_id = r.client_session_id.as_deref().unwrap_or(""),
-        started_at = %r.started_at.to_rfc3339(),
+        started_at = %started_at,
         thread_parent_id = %optional(r.thread_parent_id),
         thread_root_id = %optional(r.thread_root_id),
         "{MSG}"
@@ -184,7 +273,7 @@ pub fn log_interception(r: &InterceptionRecord) {
             interception_id = %id,
             msg_id,
             prompt = %prompt,
-            created_at = %r.started_at.to_rfc3339(),
+            created_at = %started_at,
             "{MSG}"
         );
     }
@@ -194,7 +283,7 @@ pub fn log_interception(r: &InterceptionRecord) {
             record_type = "model_thought",
             interception_id = %id,
             content = %t.content,
-            created_at = %r.ended_at.to_rfc3339(),
+            created_at = %ended_at,
             "{MSG}"
         );
     }
@@ -208,7 +297,7 @@ pub fn log_interception(r: &InterceptionRecord) {
             tool = %t.name,
             input = %t.input,
             injected = false,
-            created_at = %r.ended_at.to_rfc3339(),
+            created_at = %ended_at,
             "{MSG}"
         );
     }
@@ -222,14 +311,14 @@ pub fn log_interception(r: &InterceptionRecord) {
         cache_read_input_tokens = r.usage.cache_read,
         cache_write_input_tokens = r.usage.cache_write,
         reasoning_tokens = r.usage.reasoning,
-        created_at = %r.ended_at.to_rfc3339(),
+        created_at = %ended_at,
         "{MSG}"
     );
     tracing::info!(
         target: "tollgate::interception",
         record_type = "interception_end",
         interception_id = %id,
-        ended_at = %r.ended_at.to_rfc3339(),
+        ended_at = %ended_at,
         status = r.status.as_str(),
         upstream_status = r.upstream_status,
         cost_nano_usd = r.cost.0,
@@ -238,42 +327,172 @@ pub fn log_interception(r: &InterceptionRecord) {
 }
 
 /// Absent ids are logged as empty strings so every record of a type has the same fields.
-fn optional(id: Option<uuid::Uuid>) -> String {
-    id.map(|i| i.to_string()).unwrap_or_default()
+fn optional(id: Option<uuid::Uuid>) -> OptionalId {
+    OptionalId(id)
+}
+
+/// An id, or nothing, formatted straight into the log line.
+struct OptionalId(Option<uuid::Uuid>);
+
+impl std::fmt::Display for OptionalId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(id) => id.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Metric handles of one provider route, each registered on first use and then reused, so the
+/// request path pays a map lookup instead of a registry lookup with freshly allocated label
+/// strings per series. A series appears in `/metrics` exactly when it did before: on its first
+/// recording. Handles come from the recorder installed when they are first used (the server
+/// installs Prometheus before any listener starts).
+pub struct ProviderSeries {
+    provider: String,
+    inflight: OnceLock<Gauge>,
+    upstream_ttfb: OnceLock<Histogram>,
+    duration: OnceLock<Histogram>,
+    overhead: OnceLock<Histogram>,
+    models: RwLock<HashMap<String, Arc<ModelSeries>>>,
+}
+
+/// The (provider, model) series.
+struct ModelSeries {
+    provider: String,
+    model: String,
+    by_status: RwLock<Vec<(&'static str, Counter)>>,
+    tokens: [OnceLock<Counter>; TOKEN_KINDS.len()],
+    cost: OnceLock<Counter>,
+    unpriced: OnceLock<Counter>,
+}
+
+const TOKEN_KINDS: [&str; 5] = ["input", "output", "cache_read", "cache_write", "reasoning"];
+
+/// Past this many cached series sets the cache starts over (the registry keeps the series).
+const SERIES_CACHE_MAX: usize = 10_000;
+
+/// The cached series of provider route `provider`.
+pub fn provider_series(provider: &str) -> Arc<ProviderSeries> {
+    static CACHE: OnceLock<RwLock<HashMap<String, Arc<ProviderSeries>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(s) = cache.read().get(provider) {
+        return s.clone();
+    }
+    let mut cache = cache.write();
+    if cache.len() >= SERIES_CACHE_MAX {
+        cache.clear();
+    }
+    cache
+        .entry(provider.to_string())
+        .or_insert_with(|| {
+            Arc::new(ProviderSeries {
+                provider: provider.to_string(),
+                inflight: OnceLock::new(),
+                upstream_ttfb: OnceLock::new(),
+                duration: OnceLock::new(),
+                overhead: OnceLock::new(),
+                models: RwLock::new(HashMap::new()),
+            })
+        })
+        .clone()
+}
+
+impl ProviderSeries {
+    /// `tollgate_interceptions_inflight{provider}`.
+    pub fn inflight(&self) -> &Gauge {
+        self.inflight.get_or_init(
+            || metrics::gauge!(metric::INTERCEPTIONS_INFLIGHT, "provider" => self.provider.clone()),
+        )
+    }
+
+    /// `tollgate_upstream_ttfb_seconds{provider}`.
+    pub fn upstream_ttfb(&self) -> &Histogram {
+        self.upstream_ttfb.get_or_init(
+            || metrics::histogram!(metric::UPSTREAM_TTFB_SECONDS, "provider" => self.provider.clone()),
+        )
+    }
+
+    fn model(&self, model: &str) -> Arc<ModelSeries> {
+        if let Some(m) = self.models.read().get(model) {
+            return m.clone();
+        }
+        let mut models = self.models.write();
+        if models.len() >= SERIES_CACHE_MAX {
+            models.clear();
+        }
+        models
+            .entry(model.to_string())
+            .or_insert_with(|| {
+                Arc::new(ModelSeries {
+                    provider: self.provider.clone(),
+                    model: model.to_string(),
+                    by_status: RwLock::new(Vec::new()),
+                    tokens: Default::default(),
+                    cost: OnceLock::new(),
+                    unpriced: OnceLock::new(),
+                })
+            })
+            .clone()
+    }
+}
+
+impl ModelSeries {
+    fn total(&self, status: &'static str) -> Counter {
+        if let Some((_, c)) = self.by_status.read().iter().find(|(s, _)| *s == status) {
+            return c.clone();
+        }
+        let mut by_status = self.by_status.write();
+        if let Some((_, c)) = by_status.iter().find(|(s, _)| *s == status) {
+            return c.clone();
+        }
+        let c = metrics::counter!(metric::INTERCEPTIONS_TOTAL, "provider" => self.provider.clone(), "model" => self.model.clone(), "status" => status);
+        by_status.push((status, c.clone()));
+        c
+    }
 }
 
 /// Metrics for one finished interception.
 pub fn count_interception(r: &InterceptionRecord, duration_s: f64, upstream_s: f64) {
-    let provider = r.provider.clone();
+    let p = provider_series(&r.provider);
     // Model names come from clients; only priced (known) models become label values, so a
     // client cannot blow up the series count with made-up names.
-    let model = if r.price.is_some() {
-        r.model.clone()
+    let m = p.model(if r.price.is_some() {
+        &r.model
     } else {
-        "unpriced".to_string()
-    };
-    metrics::counter!(metric::INTERCEPTIONS_TOTAL, "provider" => provider.clone(), "model" => model.clone(), "status" => r.status.as_str()).increment(1);
-    metrics::histogram!(metric::INTERCEPTION_DURATION_SECONDS, "provider" => provider.clone())
+        "unpriced"
+    });
+    m.total(r.status.as_str()).increment(1);
+    p.duration
+        .get_or_init(|| metrics::histogram!(metric::INTERCEPTION_DURATION_SECONDS, "provider" => p.provider.clone()))
         .record(duration_s);
-    metrics::histogram!(metric::OVERHEAD_SECONDS, "provider" => provider.clone())
+    p.overhead
+        .get_or_init(
+            || metrics::histogram!(metric::OVERHEAD_SECONDS, "provider" => p.provider.clone()),
+        )
         .record((duration_s - upstream_s).max(0.0));
-    for (kind, n) in [
-        ("input", r.usage.input),
-        ("output", r.usage.output),
-        ("cache_read", r.usage.cache_read),
-        ("cache_write", r.usage.cache_write),
-        ("reasoning", r.usage.reasoning),
-    ] {
+    let usage = [
+        r.usage.input,
+        r.usage.output,
+        r.usage.cache_read,
+        r.usage.cache_write,
+        r.usage.reasoning,
+    ];
+    for ((kind, n), handle) in TOKEN_KINDS.iter().zip(usage).zip(&m.tokens) {
         if n > 0 {
-            metrics::counter!(metric::TOKENS_TOTAL, "provider" => provider.clone(), "model" => model.clone(), "type" => kind).increment(n);
+            handle
+                .get_or_init(|| metrics::counter!(metric::TOKENS_TOTAL, "provider" => m.provider.clone(), "model" => m.model.clone(), "type" => *kind))
+                .increment(n);
         }
     }
     if r.cost.0 > 0 {
-        metrics::counter!(metric::COST_NANO_USD_TOTAL, "provider" => provider.clone(), "model" => model.clone())
+        m.cost
+            .get_or_init(|| metrics::counter!(metric::COST_NANO_USD_TOTAL, "provider" => m.provider.clone(), "model" => m.model.clone()))
             .increment(r.cost.0 as u64);
     }
     if r.price.is_none() {
-        metrics::counter!(metric::UNPRICED_TOTAL, "provider" => provider, "model" => model)
+        m.unpriced
+            .get_or_init(|| metrics::counter!(metric::UNPRICED_TOTAL, "provider" => m.provider.clone(), "model" => m.model.clone()))
             .increment(1);
     }
 }

@@ -1,6 +1,7 @@
 //! The management API seen from outside: the real binary, real HTTP on the admin listener, and
 //! interceptions produced by real requests through the gateway to the mock upstream. Retention is
-//! tested as a library call against a SQLite file written directly.
+//! tested as a library call against a SQLite file written directly (and, with
+//! `TOLLGATE_TEST_DATABASE_URL` set, against a fresh PostgreSQL database).
 
 mod common;
 
@@ -170,12 +171,12 @@ async fn tool_result_followup(tg: &Tollgate, key: &str) -> String {
     gateway_call(tg, key, "/anthropic/v1/messages", body, None).await
 }
 
-async fn user_id(db: &SqlitePool, name: &str) -> String {
-    sqlx::query_scalar("SELECT id FROM users WHERE username = ?")
-        .bind(name)
-        .fetch_one(db)
-        .await
-        .unwrap()
+async fn user_id(tg: &Tollgate, name: &str) -> String {
+    tg.scalar(
+        "SELECT CAST(id AS TEXT) FROM users WHERE username = ?",
+        &[name],
+    )
+    .await
 }
 
 fn ids(list: &Value) -> Vec<String> {
@@ -220,9 +221,9 @@ async fn members_see_only_their_own_and_every_filter_works() {
     let between = Utc::now();
     tokio::time::sleep(Duration::from_millis(30)).await;
     let b_resp = responses(&tg, &bob, Some("bob-s1")).await;
-    let db = tg.wait_for_interceptions(4).await;
-    let alice_id = user_id(&db, "alice").await;
-    let bob_id = user_id(&db, "bob").await;
+    tg.wait_until_recorded(4).await;
+    let alice_id = user_id(&tg, "alice").await;
+    let bob_id = user_id(&tg, "bob").await;
     let mut bodies = Vec::new();
 
     // No key, a bad key: 401 with the JSON error body.
@@ -506,15 +507,11 @@ async fn members_see_only_their_own_and_every_filter_works() {
         assert_error(&r, 403, &format!("member {method} {path}"));
     }
     // ... and nothing changed.
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let users: i64 = tg.scalar("SELECT COUNT(*) FROM users", &[]).await;
     assert_eq!(users, 3);
-    let admin: bool = sqlx::query_scalar("SELECT is_admin FROM users WHERE username = 'alice'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let admin: bool = tg
+        .scalar("SELECT is_admin FROM users WHERE username = 'alice'", &[])
+        .await;
     assert!(!admin);
 
     // No secret anywhere in what the API returned.
@@ -536,7 +533,7 @@ async fn pages_have_no_duplicates_or_gaps_while_new_interceptions_arrive() {
     for n in 0..12 {
         original.push(chat(&tg, &alice, "gpt-4o-mini", &format!("prompt {n}"), None).await);
     }
-    tg.wait_for_interceptions(12).await;
+    tg.wait_until_recorded(12).await;
 
     // Interceptions: pages of 5, with new calls landing between page fetches.
     let mut seen: Vec<String> = Vec::new();
@@ -561,7 +558,7 @@ async fn pages_have_no_duplicates_or_gaps_while_new_interceptions_arrive() {
         after = page_ids.last().cloned();
         chat(&tg, &alice, "gpt-4o-mini", "meanwhile", None).await;
         total += 1;
-        tg.wait_for_interceptions(total).await;
+        tg.wait_until_recorded(total).await;
     }
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "no duplicates");
@@ -602,7 +599,7 @@ async fn pages_have_no_duplicates_or_gaps_while_new_interceptions_arrive() {
         after = page_ids.last().cloned();
         chat(&tg, &alice, "gpt-4o-mini", "meanwhile", None).await;
         total += 1;
-        tg.wait_for_interceptions(total).await;
+        tg.wait_until_recorded(total).await;
     }
     let unique: BTreeSet<String> = seen.iter().cloned().collect();
     assert_eq!(unique.len(), seen.len(), "no duplicate sessions");
@@ -625,7 +622,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     let followup = tool_result_followup(&tg, &alice).await;
     pause().await;
     let lone = chat(&tg, &alice, "gpt-4o-2024-08-06", "alone", None).await;
-    let db = tg.wait_for_interceptions(5).await;
+    tg.wait_until_recorded(5).await;
 
     let list = get_ok(&tg, &alice, "/api/v2/aibridge/sessions").await;
     assert_eq!(list["count"], 3);
@@ -655,12 +652,12 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_eq!(work["last_prompt"], "second");
     assert_eq!(work["token_usage_summary"]["input_tokens"], 452);
     assert_eq!(work["token_usage_summary"]["cache_read_input_tokens"], 2048);
-    let cost: i64 = sqlx::query_scalar(
-        "SELECT SUM(cost_nano_usd) FROM interceptions WHERE session_key = 'work-1'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let cost: i64 = tg
+        .scalar(
+            "SELECT CAST(SUM(cost_nano_usd) AS BIGINT) FROM interceptions WHERE session_key = 'work-1'",
+            &[],
+        )
+        .await;
     assert_eq!(work["cost_nano_usd"], cost);
     assert_eq!(
         work["cost_usd"],
@@ -742,11 +739,12 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_eq!(session_ids(&r), vec![root_call.clone()]);
 
     // Stored session keys agree with what the API grouped.
-    let keys: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT session_key FROM interceptions ORDER BY session_key")
-            .fetch_all(&db)
-            .await
-            .unwrap();
+    let keys: Vec<String> = tg
+        .column(
+            "SELECT DISTINCT session_key FROM interceptions ORDER BY session_key",
+            &[],
+        )
+        .await;
     let mut expected = vec![lone, root_call, "work-1".to_string()];
     expected.sort();
     assert_eq!(keys, expected);
@@ -754,15 +752,47 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_error(&r, 404, "unknown session");
 }
 
-/// (key, count, input, output, cache read, cache write, reasoning, cost) per group from SQL.
-async fn sql_rollup(db: &SqlitePool, key: &str, from: &str) -> Vec<(String, i64, [i64; 6])> {
+/// (key, count, input, output, cache read, cache write, reasoning, cost) per group from SQL,
+/// on either backend. `key` and `from` are written for SQLite; under PostgreSQL the few
+/// expressions that differ (ids as text, the UTC day) are swapped for their equivalents.
+async fn sql_rollup(tg: &Tollgate, key: &str, from: &str) -> Vec<(String, i64, [i64; 6])> {
+    let sums = "COUNT(*), CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT), \
+         CAST(SUM(cache_read_input_tokens) AS BIGINT), CAST(SUM(cache_write_input_tokens) AS BIGINT), \
+         CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(cost_nano_usd) AS BIGINT)";
+    if !common::server::on_postgres() {
+        let db = tg.db().await;
+        let rows = sqlx::query(&format!(
+            "SELECT {key} AS k, {sums} FROM {from} GROUP BY k ORDER BY k"
+        ))
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        return rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    r.get::<i64, _>(1),
+                    [r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7)],
+                )
+            })
+            .collect();
+    }
+    let key = match key {
+        "user_id" | "g.id" => format!("CAST({key} AS TEXT)"),
+        k if k.starts_with("strftime(") => {
+            "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')".to_string()
+        }
+        k => k.to_string(),
+    };
+    let db = sqlx::PgPool::connect(&tg.db_url).await.unwrap();
     let rows = sqlx::query(&format!(
-        "SELECT {key} AS k, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_input_tokens), \
-         SUM(cache_write_input_tokens), SUM(reasoning_tokens), SUM(cost_nano_usd) FROM {from} GROUP BY k ORDER BY k"
+        "SELECT {key} AS k, {sums} FROM {from} GROUP BY k ORDER BY k"
     ))
-    .fetch_all(db)
+    .fetch_all(&db)
     .await
     .unwrap();
+    db.close().await;
     rows.iter()
         .map(|r| {
             (
@@ -826,7 +856,7 @@ async fn usage_rollups_equal_the_sums_of_recorded_interceptions() {
     responses(&tg, &bob, None).await;
     chat(&tg, &bob, "gpt-4o-mini", "d", None).await;
     messages(&tg, &carol, "e").await;
-    let db = tg.wait_for_interceptions(6).await;
+    tg.wait_until_recorded(6).await;
 
     for (group_by, key) in [
         ("user", "user_id"),
@@ -842,14 +872,14 @@ async fn usage_rollups_equal_the_sums_of_recorded_interceptions() {
         assert_eq!(report["group_by"], group_by);
         assert_eq!(
             api_rollup(&report),
-            sql_rollup(&db, key, "interceptions").await,
+            sql_rollup(&tg, key, "interceptions").await,
             "group_by={group_by}"
         );
     }
     // Groups go through group_members: alice counts in eng and ops, carol in neither.
     let report = get_ok(&tg, &root, "/api/v2/usage?group_by=group").await;
     let expected = sql_rollup(
-        &db,
+        &tg,
         "g.id",
         "interceptions i JOIN group_members gm ON gm.user_id = i.user_id JOIN groups g ON g.id = gm.group_id",
     )
@@ -871,12 +901,12 @@ async fn usage_rollups_equal_the_sums_of_recorded_interceptions() {
     assert_eq!(eng["interception_count"], 5);
 
     // Filters: user, model, dates.
-    let alice_id = user_id(&db, "alice").await;
+    let alice_id = user_id(&tg, "alice").await;
     let r = get_ok(&tg, &root, "/api/v2/usage?group_by=model&user=alice").await;
     assert_eq!(
         api_rollup(&r),
         sql_rollup(
-            &db,
+            &tg,
             "model",
             &format!("interceptions WHERE user_id = '{alice_id}'")
         )
@@ -885,7 +915,7 @@ async fn usage_rollups_equal_the_sums_of_recorded_interceptions() {
     let r = get_ok(&tg, &root, "/api/v2/usage?group_by=user&model=gpt-4o-mini").await;
     assert_eq!(
         api_rollup(&r),
-        sql_rollup(&db, "user_id", "interceptions WHERE model = 'gpt-4o-mini'").await
+        sql_rollup(&tg, "user_id", "interceptions WHERE model = 'gpt-4o-mini'").await
     );
     let today = Utc::now().date_naive();
     let yesterday = today.pred_opt().unwrap();
@@ -905,7 +935,7 @@ async fn usage_rollups_equal_the_sums_of_recorded_interceptions() {
     assert_eq!(
         api_rollup(&r),
         sql_rollup(
-            &db,
+            &tg,
             "strftime('%Y-%m-%d', started_at / 1000, 'unixepoch')",
             "interceptions"
         )
@@ -931,8 +961,8 @@ async fn bad_input_is_a_4xx_with_a_message_never_a_500() {
     let root = tg.admin_key("root");
     let alice = tg.user_key("alice");
     chat(&tg, &alice, "gpt-4o-mini", "hi", None).await;
-    let db = tg.wait_for_interceptions(1).await;
-    let alice_id = user_id(&db, "alice").await;
+    tg.wait_until_recorded(1).await;
+    let alice_id = user_id(&tg, "alice").await;
     let group = send_json(
         &tg,
         Method::POST,
@@ -1453,7 +1483,7 @@ async fn bad_input_is_a_4xx_with_a_message_never_a_500() {
     // A valid price still works after all that, and deleting yourself is refused.
     let r = send_json(&tg, Method::PUT, &root, "/api/v2/pricing/my-model", price).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let root_id = user_id(&db, "root").await;
+    let root_id = user_id(&tg, "root").await;
     let r = call(
         &tg,
         Method::DELETE,
@@ -1657,7 +1687,6 @@ async fn admins_manage_users_groups_keys_budgets_pricing_and_seats() {
     let upstream = upstream().await;
     let tg = start(&upstream, "[seats]\nlimit = 2\n").await;
     let root = tg.admin_key("root");
-    let db = tg.db().await;
     let mut bodies: Vec<String> = Vec::new();
 
     // Users.
@@ -1764,7 +1793,7 @@ async fn admins_manage_users_groups_keys_budgets_pricing_and_seats() {
     assert!(keys["keys"][0]["revoked_at"].is_string());
 
     // Seats: two users have used AI of a limit of two.
-    tg.wait_for_interceptions(2).await;
+    tg.wait_until_recorded(2).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let seats = loop {
         let s = get_ok(&tg, &root, "/api/v2/seats").await;
@@ -1849,10 +1878,12 @@ async fn admins_manage_users_groups_keys_budgets_pricing_and_seats() {
     );
 
     // Budgets: stored in nano-USD, shown as decimal strings.
-    let eng: String = sqlx::query_scalar("SELECT id FROM groups WHERE name = 'eng'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let eng: String = tg
+        .scalar(
+            "SELECT CAST(id AS TEXT) FROM groups WHERE name = 'eng'",
+            &[],
+        )
+        .await;
     for (method, body) in [
         (Method::PUT, json!({"scope": "default", "limit_usd": "100"})),
         (
@@ -1895,11 +1926,12 @@ async fn admins_manage_users_groups_keys_budgets_pricing_and_seats() {
     );
     assert_eq!(budgets["budgets"][1]["scope_name"], "eng");
     assert_eq!(budgets["budgets"][2]["scope_id"], dave.as_str());
-    let stored: i64 =
-        sqlx::query_scalar("SELECT limit_nano_usd FROM spend_limits WHERE scope = 'group'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let stored: i64 = tg
+        .scalar(
+            "SELECT limit_nano_usd FROM spend_limits WHERE scope = 'group'",
+            &[],
+        )
+        .await;
     assert_eq!(stored, 250_500_000_000);
     let r = call(
         &tg,
@@ -1960,11 +1992,12 @@ async fn admins_manage_users_groups_keys_budgets_pricing_and_seats() {
         (Some("override"), Some("1.00"), Some("0.125"))
     );
     assert_eq!(find(&prices, "house-model").unwrap()["output_limit"], 4096);
-    let nano: i64 =
-        sqlx::query_scalar("SELECT cache_read_nano FROM pricing WHERE model = 'gpt-4o'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let nano: i64 = tg
+        .scalar(
+            "SELECT cache_read_nano FROM pricing WHERE model = 'gpt-4o'",
+            &[],
+        )
+        .await;
     assert_eq!(nano, 125_000_000);
     let r = call(
         &tg,
@@ -2006,11 +2039,12 @@ async fn admins_manage_users_groups_keys_budgets_pricing_and_seats() {
             .status,
         404
     );
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE user_id = ?")
-        .bind(&dave)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let left: i64 = tg
+        .scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE CAST(user_id AS TEXT) = ?",
+            &[dave.as_str()],
+        )
+        .await;
     assert_eq!(left, 0);
     // Their history stays, attributed to the (now unnamed) id.
     let all = get_ok(&tg, &root, "/api/v2/aibridge/interceptions").await;
@@ -2184,4 +2218,92 @@ async fn retention_deletes_exactly_the_old_interceptions_and_their_children() {
         tollgate::store::purge_once(&store, 60, now).await.unwrap(),
         0
     );
+}
+
+/// The same purge on PostgreSQL (native timestamptz, `$n` placeholders, cascades), through the
+/// store as the server runs it. Runs only with `TOLLGATE_TEST_DATABASE_URL` set; the SQLite
+/// flavour is the test above.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_on_postgres_deletes_the_old_interceptions_and_their_children() {
+    let Some(base) = common::server::postgres_url() else {
+        eprintln!("PostgreSQL only: set TOLLGATE_TEST_DATABASE_URL to run it");
+        return;
+    };
+    let url = common::server::fresh_postgres_database(&base).await;
+    let store = tollgate::store::Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let now = Utc::now();
+    let days = chrono::Duration::days;
+    let mut kept = BTreeSet::new();
+    let mut old = 0u64;
+    // More than one purge batch (1000) of old rows, and rows on both sides of the cutoff.
+    let ages = (0..1003).map(|_| (days(61), false)).chain([
+        (days(60) + chrono::Duration::milliseconds(1), false),
+        (days(60) - chrono::Duration::minutes(1), true),
+        (days(1), true),
+    ]);
+    for (age, keep) in ages {
+        let id = uuid::Uuid::now_v7();
+        let ended = now - age;
+        sqlx::query(
+            "INSERT INTO interceptions (id, user_id, provider, provider_kind, endpoint, model, client, session_key, \
+             credential_kind, status, streaming, started_at, ended_at, priced) \
+             VALUES ($1, $1, 'openai', 'openai', 'chat', 'gpt-4o', 'Unknown', $2, 'central', 'completed', false, $3, $3, true)",
+        )
+        .bind(id)
+        .bind(id.to_string())
+        .bind(ended)
+        .execute(&db)
+        .await
+        .unwrap();
+        for sql in [
+            "INSERT INTO token_usages (interception_id, input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, created_at) VALUES ($1, 1, 1, 0, 0, 0, now())",
+            "INSERT INTO user_prompts (interception_id, prompt, created_at) VALUES ($1, 'p', now())",
+            "INSERT INTO tool_usages (interception_id, tool_call_id, tool, input, created_at) VALUES ($1, 'c', 't', '{}', now())",
+            "INSERT INTO model_thoughts (interception_id, content, source, created_at) VALUES ($1, 'x', 'thinking', now())",
+        ] {
+            sqlx::query(sql).bind(id).execute(&db).await.unwrap();
+        }
+        if keep {
+            kept.insert(id);
+        } else {
+            old += 1;
+        }
+    }
+    assert_eq!(
+        tollgate::store::purge_once(&store, 0, now).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        tollgate::store::purge_once(&store, 60, now).await.unwrap(),
+        old
+    );
+    let left: BTreeSet<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM interceptions")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(left, kept);
+    for table in [
+        "token_usages",
+        "user_prompts",
+        "tool_usages",
+        "model_thoughts",
+    ] {
+        let owners: BTreeSet<uuid::Uuid> =
+            sqlx::query_scalar(&format!("SELECT interception_id FROM {table}"))
+                .fetch_all(&db)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
+        assert_eq!(owners, kept, "{table}");
+    }
+    assert_eq!(
+        tollgate::store::purge_once(&store, 60, now).await.unwrap(),
+        0
+    );
+    db.close().await;
 }

@@ -146,3 +146,31 @@ fn users_and_keys_from_the_cli() {
     let db = std::fs::read(dir.path().join("t.db")).unwrap();
     assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()));
 }
+
+/// A start against a PostgreSQL server that is not there stops at once with a message that
+/// names the server and never the password. Needs no PostgreSQL: nothing listens on port 1.
+#[test]
+fn an_unreachable_postgres_fails_fast_naming_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(
+        &config,
+        "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [database]\nurl = \"postgres://tg:sekrit-pw@127.0.0.1:1/tollgate\"\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = run(dir.path(), &["serve", "--config", config.to_str().unwrap()]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.contains("cannot connect to PostgreSQL at 127.0.0.1:1/tollgate"),
+        "{all}"
+    );
+    assert!(!all.contains("sekrit-pw"), "{all}");
+}

@@ -56,8 +56,105 @@ fn messages_request(stream: bool) -> Value {
     })
 }
 
-/// The interception row (and its children) for one id, as JSON for easy comparison.
-async fn interception(db: &SqlitePool, id: &str) -> Value {
+/// Builds the comparison JSON from an interceptions row and its children, whichever the
+/// backend's row type (the SQL below hands both the same column types).
+macro_rules! interception_json {
+    ($r:expr, $tools:expr, $thoughts:expr, $prompts:expr, $usage_rows:expr) => {{
+        let (r, tools, thoughts) = (&$r, &$tools, &$thoughts);
+        json!({
+            "provider": r.get::<String, _>("provider"),
+            "model": r.get::<String, _>("model"),
+            "status": r.get::<String, _>("status"),
+            "upstream_status": r.get::<Option<i64>, _>("upstream_status"),
+            "streaming": r.get::<bool, _>("streaming"),
+            "client": r.get::<String, _>("client"),
+            "session_key": r.get::<String, _>("session_key"),
+            "client_session_id": r.get::<Option<String>, _>("client_session_id"),
+            "thread_parent_id": r.get::<Option<String>, _>("thread_parent_id"),
+            "thread_root_id": r.get::<Option<String>, _>("thread_root_id"),
+            "credential_kind": r.get::<String, _>("credential_kind"),
+            "credential_hint": r.get::<Option<String>, _>("credential_hint"),
+            "response_id": r.get::<Option<String>, _>("response_id"),
+            "input": r.get::<i64, _>("input_tokens"),
+            "output": r.get::<i64, _>("output_tokens"),
+            "cache_read": r.get::<i64, _>("cache_read_input_tokens"),
+            "cache_write": r.get::<i64, _>("cache_write_input_tokens"),
+            "reasoning": r.get::<i64, _>("reasoning_tokens"),
+            "cost_nano_usd": r.get::<i64, _>("cost_nano_usd"),
+            "priced": r.get::<bool, _>("priced"),
+            "user_id": r.get::<String, _>("user_id"),
+            "api_key_id": r.get::<Option<String>, _>("api_key_id"),
+            "started_at": r.get::<i64, _>("started_at"),
+            "ended_at": r.get::<i64, _>("ended_at"),
+            "error": r.get::<Option<String>, _>("error"),
+            "prompts": $prompts,
+            "usage_rows": $usage_rows,
+            "tools": tools.iter().map(|t| json!({
+                "id": t.get::<String, _>(0),
+                "name": t.get::<String, _>(1),
+                "arguments": serde_json::from_str::<Value>(&t.get::<String, _>(2)).unwrap_or(Value::Null),
+            })).collect::<Vec<_>>(),
+            "thoughts": thoughts.iter().map(|t| t.get::<String, _>(0)).collect::<Vec<_>>(),
+            "thought_sources": thoughts.iter().map(|t| t.get::<String, _>(1)).collect::<Vec<_>>(),
+        })
+    }};
+}
+
+/// The interception row (and its children) for one id, as JSON for easy comparison; reads
+/// SQLite or PostgreSQL, whichever the instance runs on.
+async fn interception(tg: &Tollgate, id: &str) -> Value {
+    if !common::server::on_postgres() {
+        return interception_sqlite(&tg.db().await, id).await;
+    }
+    // Native uuid/timestamptz/integer columns cast to what the SQLite file holds (text ids,
+    // epoch milliseconds, i64), so one assertion set serves both backends.
+    let db = sqlx::PgPool::connect(&tg.db_url).await.unwrap();
+    let r = sqlx::query(
+        "SELECT provider, model, status, upstream_status::bigint AS upstream_status, streaming, client, \
+         session_key, client_session_id, thread_parent_id::text AS thread_parent_id, \
+         thread_root_id::text AS thread_root_id, credential_kind, credential_hint, response_id, \
+         input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, \
+         reasoning_tokens, cost_nano_usd, priced, user_id::text AS user_id, \
+         api_key_id::text AS api_key_id, \
+         (extract(epoch FROM started_at) * 1000)::bigint AS started_at, \
+         (extract(epoch FROM ended_at) * 1000)::bigint AS ended_at, error \
+         FROM interceptions WHERE id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let tools = sqlx::query(
+        "SELECT tool_call_id, tool, input FROM tool_usages WHERE interception_id = $1::uuid ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let thoughts = sqlx::query(
+        "SELECT content, source FROM model_thoughts WHERE interception_id = $1::uuid ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let prompts: Vec<String> =
+        sqlx::query_scalar("SELECT prompt FROM user_prompts WHERE interception_id = $1::uuid")
+            .bind(id)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let usage_rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM token_usages WHERE interception_id = $1::uuid")
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    interception_json!(r, tools, thoughts, prompts, usage_rows)
+}
+
+async fn interception_sqlite(db: &SqlitePool, id: &str) -> Value {
     let r = sqlx::query("SELECT * FROM interceptions WHERE id = ?")
         .bind(id)
         .fetch_one(db)
@@ -89,42 +186,7 @@ async fn interception(db: &SqlitePool, id: &str) -> Value {
             .fetch_one(db)
             .await
             .unwrap();
-    json!({
-        "provider": r.get::<String, _>("provider"),
-        "model": r.get::<String, _>("model"),
-        "status": r.get::<String, _>("status"),
-        "upstream_status": r.get::<Option<i64>, _>("upstream_status"),
-        "streaming": r.get::<bool, _>("streaming"),
-        "client": r.get::<String, _>("client"),
-        "session_key": r.get::<String, _>("session_key"),
-        "client_session_id": r.get::<Option<String>, _>("client_session_id"),
-        "thread_parent_id": r.get::<Option<String>, _>("thread_parent_id"),
-        "thread_root_id": r.get::<Option<String>, _>("thread_root_id"),
-        "credential_kind": r.get::<String, _>("credential_kind"),
-        "credential_hint": r.get::<Option<String>, _>("credential_hint"),
-        "response_id": r.get::<Option<String>, _>("response_id"),
-        "input": r.get::<i64, _>("input_tokens"),
-        "output": r.get::<i64, _>("output_tokens"),
-        "cache_read": r.get::<i64, _>("cache_read_input_tokens"),
-        "cache_write": r.get::<i64, _>("cache_write_input_tokens"),
-        "reasoning": r.get::<i64, _>("reasoning_tokens"),
-        "cost_nano_usd": r.get::<i64, _>("cost_nano_usd"),
-        "priced": r.get::<bool, _>("priced"),
-        "user_id": r.get::<String, _>("user_id"),
-        "api_key_id": r.get::<Option<String>, _>("api_key_id"),
-        "started_at": r.get::<i64, _>("started_at"),
-        "ended_at": r.get::<i64, _>("ended_at"),
-        "error": r.get::<Option<String>, _>("error"),
-        "prompts": prompts,
-        "usage_rows": usage_rows,
-        "tools": tools.iter().map(|t| json!({
-            "id": t.get::<String, _>(0),
-            "name": t.get::<String, _>(1),
-            "arguments": serde_json::from_str::<Value>(&t.get::<String, _>(2)).unwrap_or(Value::Null),
-        })).collect::<Vec<_>>(),
-        "thoughts": thoughts.iter().map(|t| t.get::<String, _>(0)).collect::<Vec<_>>(),
-        "thought_sources": thoughts.iter().map(|t| t.get::<String, _>(1)).collect::<Vec<_>>(),
-    })
+    interception_json!(r, tools, thoughts, prompts, usage_rows)
 }
 
 /// Checks a recorded interception against the fixture manifest's expected values.
@@ -271,14 +333,16 @@ async fn every_fixture_is_relayed_unchanged_and_recorded_field_by_field() {
         Some(upstream.addr().to_string().as_str())
     );
 
-    let db = tg.wait_for_interceptions(cases.len() as i64).await;
-    let alice: String = sqlx::query_scalar("SELECT id FROM users WHERE username = 'alice'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    tg.wait_until_recorded(cases.len() as i64).await;
+    let alice: String = tg
+        .scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = 'alice'",
+            &[],
+        )
+        .await;
     let mut rows = Vec::new();
     for ((path, body, fixture), id) in cases.iter().zip(&ids) {
-        let row = interception(&db, id).await;
+        let row = interception(&tg, id).await;
         assert_matches_manifest(&row, fixture);
         let provider = if path.contains("anthropic") {
             "anthropic"
@@ -362,8 +426,8 @@ async fn chat_streams_get_usage_injected_and_the_extra_chunk_stripped() {
         .expect("fixture has a usage chunk");
     assert!(!body.contains("\"prompt_tokens\""));
     assert_eq!(body, fixture.replacen(&format!("{usage_event}\n\n"), "", 1));
-    let db = tg.wait_for_interceptions(1).await;
-    let row = interception(&db, &id).await;
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
     assert_matches_manifest(&row, "openai-chat-tools-stream.sse");
     assert_eq!(
         row["cost_nano_usd"],
@@ -429,9 +493,9 @@ async fn awkward_chunk_boundaries_change_nothing() {
         let got = resp.bytes().await.unwrap();
         assert!(!got.is_empty());
     }
-    let db = tg.wait_for_interceptions(cases.len() as i64).await;
+    tg.wait_until_recorded(cases.len() as i64).await;
     for ((_, _, _, fixture), id) in cases.iter().zip(&ids) {
-        assert_matches_manifest(&interception(&db, id).await, fixture);
+        assert_matches_manifest(&interception(&tg, id).await, fixture);
     }
 }
 
@@ -501,8 +565,8 @@ async fn client_abort_mid_stream_is_recorded_with_partial_usage() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("message_start"));
     drop(stream); // the client goes away after the first event
-    let db = tg.wait_for_interceptions(1).await;
-    let row = interception(&db, &id).await;
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
     assert_eq!(row["status"], "client_aborted");
     assert_eq!(row["input"], 420, "usage seen before the abort is kept");
     assert_eq!(row["cache_read"], 9000);
@@ -531,8 +595,8 @@ async fn upstream_reset_mid_stream_is_recorded_and_the_client_sees_the_break() {
     let id = interception_id(&resp);
     let got = resp.bytes().await;
     assert!(got.is_err(), "a cut stream must not look complete");
-    let db = tg.wait_for_interceptions(1).await;
-    let row = interception(&db, &id).await;
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
     assert_eq!(row["status"], "upstream_aborted");
     assert!(row["error"].as_str().unwrap().contains("mid-response"));
     assert_eq!(
@@ -577,8 +641,8 @@ async fn upstream_errors_are_relayed_as_they_came() {
         resp.bytes().await.unwrap().as_ref(),
         fixture_bytes("anthropic-error-overloaded.json").as_slice()
     );
-    let db = tg.wait_for_interceptions(2).await;
-    let (r1, r2) = (interception(&db, &id1).await, interception(&db, &id2).await);
+    tg.wait_until_recorded(2).await;
+    let (r1, r2) = (interception(&tg, &id1).await, interception(&tg, &id2).await);
     assert_eq!(
         (r1["status"].as_str(), r1["upstream_status"].as_i64()),
         (Some("upstream_error"), Some(429))
@@ -785,11 +849,7 @@ async fn refusals_use_the_provider_format_and_never_reach_the_upstream() {
         "{metrics}"
     );
     assert!(metrics.contains("tollgate_refusals_total{reason=\"not_found\"}"));
-    let db = tg.db().await;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM interceptions")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let n: i64 = tg.scalar("SELECT COUNT(*) FROM interceptions", &[]).await;
     assert_eq!(n, 0);
 }
 
@@ -812,11 +872,8 @@ async fn unreachable_upstream_gets_502_and_a_record() {
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "api_error");
-    let db = tg.wait_for_interceptions(1).await;
-    let status: String = sqlx::query_scalar("SELECT status FROM interceptions")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    tg.wait_until_recorded(1).await;
+    let status: String = tg.scalar("SELECT status FROM interceptions", &[]).await;
     assert_eq!(status, "upstream_aborted");
 }
 
@@ -874,10 +931,7 @@ async fn passthrough_routes_are_forwarded_but_not_recorded() {
         "{metrics}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM interceptions")
-        .fetch_one(&tg.db().await)
-        .await
-        .unwrap();
+    let n: i64 = tg.scalar("SELECT COUNT(*) FROM interceptions", &[]).await;
     assert_eq!(n, 0);
 }
 
@@ -926,11 +980,11 @@ async fn sessions_and_threads_are_recognised() {
         .await
         .unwrap();
     let third = interception_id(&resp);
-    let db = tg.wait_for_interceptions(3).await;
+    tg.wait_until_recorded(3).await;
     let (a, b, c) = (
-        interception(&db, &first).await,
-        interception(&db, &second).await,
-        interception(&db, &third).await,
+        interception(&tg, &first).await,
+        interception(&tg, &second).await,
+        interception(&tg, &third).await,
     );
     assert_eq!(a["client"], "Claude Code");
     assert_eq!(a["session_key"], first.as_str());
@@ -1010,8 +1064,8 @@ async fn user_keys_are_used_when_the_policy_allows_them() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "permission_error");
     assert_eq!(upstream.request_count(), 1);
-    let db = tg.wait_for_interceptions(1).await;
-    let row = interception(&db, &id).await;
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
     assert_eq!(row["credential_kind"], "byok");
     assert_eq!(row["credential_hint"], "sk-…4321");
 }
@@ -1025,11 +1079,9 @@ async fn revoked_keys_stop_working_within_five_seconds() {
         post(&url, &key, &chat_request(false, false)).await.status(),
         200
     );
-    let db = tg.db().await;
-    let key_id: String = sqlx::query_scalar("SELECT id FROM api_keys")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let key_id: String = tg
+        .scalar("SELECT CAST(id AS TEXT) FROM api_keys", &[])
+        .await;
     let out = tg.cli(&["keys", "revoke", &key_id]);
     assert!(out.status.success(), "{out:?}");
     let revoked = Instant::now();
@@ -1092,7 +1144,7 @@ async fn keep_alive_health_metrics_and_no_secret_in_any_log_line() {
     );
     let ready = c.get(format!("{}/readyz", tg.admin)).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    tg.wait_for_interceptions(10).await;
+    tg.wait_until_recorded(10).await;
     let metrics = c
         .get(format!("{}/metrics", tg.admin))
         .send()
@@ -1188,7 +1240,7 @@ async fn the_gateway_listener_can_serve_https() {
         resp.bytes().await.unwrap().as_ref(),
         fixture_bytes("openai-chat.json").as_slice()
     );
-    tg.wait_for_interceptions(1).await;
+    tg.wait_until_recorded(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1207,7 +1259,7 @@ async fn every_log_record_type_carries_its_contract_fields() {
         .unwrap();
     let id = interception_id(&resp);
     resp.bytes().await.unwrap();
-    tg.wait_for_interceptions(1).await;
+    tg.wait_until_recorded(1).await;
     let (_, logs) = tg.stop().await;
     let records: Vec<Value> = logs
         .iter()
@@ -1294,16 +1346,13 @@ async fn a_client_that_leaves_before_the_first_byte_cancels_the_upstream_call() 
         .await;
     assert!(attempt.is_err(), "the client gave up first");
     let started = Instant::now();
-    let db = tg.wait_for_interceptions(1).await;
+    tg.wait_until_recorded(1).await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "recorded as soon as the client left, not when the upstream answered"
     );
-    let (status, error): (String, String) =
-        sqlx::query_as("SELECT status, error FROM interceptions")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let status: String = tg.scalar("SELECT status FROM interceptions", &[]).await;
+    let error: String = tg.scalar("SELECT error FROM interceptions", &[]).await;
     assert_eq!(status, "client_aborted");
     assert!(error.contains("before the response"), "{error}");
 }

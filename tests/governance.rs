@@ -29,18 +29,19 @@ fn messages_request() -> Value {
 const CALL_COST: i64 = 14_205_000;
 
 async fn user_id(tg: &Tollgate, name: &str) -> String {
-    sqlx::query_scalar("SELECT id FROM users WHERE username = ?")
-        .bind(name)
-        .fetch_one(&tg.db().await)
-        .await
-        .unwrap()
+    tg.scalar(
+        "SELECT CAST(id AS TEXT) FROM users WHERE username = ?",
+        &[name],
+    )
+    .await
 }
 
 async fn total_spend(tg: &Tollgate) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(SUM(cost_nano_usd), 0) FROM interceptions")
-        .fetch_one(&tg.db().await)
-        .await
-        .unwrap()
+    tg.scalar(
+        "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) FROM interceptions",
+        &[],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -130,7 +131,7 @@ async fn a_burst_of_200_requests_cannot_spend_past_the_cap() {
         }
         assert!(later < 10, "the cap never stopped sequential requests");
     }
-    tg.wait_for_interceptions((served + later) as i64).await;
+    tg.wait_until_recorded((served + later) as i64).await;
     let spent = total_spend(&tg).await;
     assert_eq!(spent, (served + later) as i64 * CALL_COST);
     // The documented bound: at most one request's cost beyond the cap, and the cap is used up.
@@ -182,16 +183,20 @@ async fn caps_follow_precedence_and_changes_apply_within_seconds() {
     assert!(resp.headers().contains_key("x-tollgate-budget-remaining"));
     assert!(resp.headers().contains_key("x-tollgate-budget-spent"));
 
-    // Two group caps: the highest wins; then a user override beats both.
-    let db = tg.db_rw().await;
+    // Two group caps: the highest wins; then a user override beats both. Written straight
+    // into the table, as another replica or an operator's SQL would.
     let gina = user_id(&tg, "gina").await;
+    let epoch = if common::server::on_postgres() {
+        "to_timestamp(0)"
+    } else {
+        "0"
+    };
     for (group, limit) in [("eng", 5_000_000_000i64), ("ops", 7_000_000_000)] {
-        sqlx::query("INSERT INTO spend_limits (scope, scope_id, limit_nano_usd, updated_at) SELECT 'group', id, ?, 0 FROM groups WHERE name = ?")
-            .bind(limit)
-            .bind(group)
-            .execute(&db)
-            .await
-            .unwrap();
+        tg.execute(
+            &format!("INSERT INTO spend_limits (scope, scope_id, limit_nano_usd, updated_at) SELECT 'group', CAST(id AS TEXT), {limit}, {epoch} FROM groups WHERE name = ?"),
+            &[group],
+        )
+        .await;
     }
     let wait_for = |scope: &'static str, limit: &'static str| {
         let call = &call;
@@ -212,17 +217,18 @@ async fn caps_follow_precedence_and_changes_apply_within_seconds() {
         }
     };
     wait_for("group", "7.00").await;
-    sqlx::query("INSERT INTO spend_limits (scope, scope_id, limit_nano_usd, updated_at) VALUES ('user', ?, 1000000000, 0)")
-        .bind(&gina)
-        .execute(&db)
-        .await
-        .unwrap();
+    tg.execute(
+        &format!("INSERT INTO spend_limits (scope, scope_id, limit_nano_usd, updated_at) VALUES ('user', ?, 1000000000, {epoch})"),
+        &[gina.as_str()],
+    )
+    .await;
     wait_for("user", "1.00").await;
     // A user override of zero refuses at once.
-    sqlx::query("UPDATE spend_limits SET limit_nano_usd = 0 WHERE scope = 'user'")
-        .execute(&db)
-        .await
-        .unwrap();
+    tg.execute(
+        "UPDATE spend_limits SET limit_nano_usd = 0 WHERE scope = 'user'",
+        &[],
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let resp = call().await.unwrap();
@@ -259,12 +265,11 @@ async fn unpriced_models_are_flagged_or_refused() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let db = allow.wait_for_interceptions(1).await;
-    let (priced, cost): (bool, i64) =
-        sqlx::query_as("SELECT priced, cost_nano_usd FROM interceptions")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    allow.wait_until_recorded(1).await;
+    let priced: bool = allow.scalar("SELECT priced FROM interceptions", &[]).await;
+    let cost: i64 = allow
+        .scalar("SELECT cost_nano_usd FROM interceptions", &[])
+        .await;
     assert_eq!(
         (priced, cost),
         (false, 0),
@@ -339,12 +344,16 @@ async fn operator_prices_from_config_override_the_book() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let db = tg.wait_for_interceptions(1).await;
-    let (cost, input, output): (i64, i64, i64) =
-        sqlx::query_as("SELECT cost_nano_usd, price_input, price_output FROM interceptions")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    tg.wait_until_recorded(1).await;
+    let cost: i64 = tg
+        .scalar("SELECT cost_nano_usd FROM interceptions", &[])
+        .await;
+    let input: i64 = tg
+        .scalar("SELECT price_input FROM interceptions", &[])
+        .await;
+    let output: i64 = tg
+        .scalar("SELECT price_output FROM interceptions", &[])
+        .await;
     // 420×1 + 233×2 + 9000×0.10 + 1800×1 = 3586 USD per million tokens → 3_586_000 nano-USD
     assert_eq!(cost, 3_586_000);
     assert_eq!(
@@ -510,12 +519,10 @@ async fn central_key_fallback_and_seat_gauges() {
             .status(),
         200
     );
-    let db = tg.wait_for_interceptions(3).await;
-    let kinds: Vec<String> =
-        sqlx::query_scalar("SELECT credential_kind FROM interceptions ORDER BY id")
-            .fetch_all(&db)
-            .await
-            .unwrap();
+    tg.wait_until_recorded(3).await;
+    let kinds: Vec<String> = tg
+        .column("SELECT credential_kind FROM interceptions ORDER BY id", &[])
+        .await;
     assert_eq!(kinds, ["byok", "central", "central"]);
     // Two users have used AI: two seats of ten.
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -638,12 +645,14 @@ async fn stored_personal_keys_are_encrypted_and_used_by_the_policy() {
     );
 
     // Encrypted at rest: the plaintext is nowhere in the database file.
-    let db = tg.wait_for_interceptions(2).await;
-    let hints: Vec<(String, String)> =
-        sqlx::query_as("SELECT credential_kind, credential_hint FROM interceptions ORDER BY id")
-            .fetch_all(&db)
-            .await
-            .unwrap();
+    tg.wait_until_recorded(2).await;
+    let kinds: Vec<String> = tg
+        .column("SELECT credential_kind FROM interceptions ORDER BY id", &[])
+        .await;
+    let hint_texts: Vec<String> = tg
+        .column("SELECT credential_hint FROM interceptions ORDER BY id", &[])
+        .await;
+    let hints: Vec<(String, String)> = kinds.into_iter().zip(hint_texts).collect();
     assert_eq!(
         hints,
         [
@@ -651,17 +660,17 @@ async fn stored_personal_keys_are_encrypted_and_used_by_the_policy() {
             ("byok".to_string(), "sk-…8888".to_string())
         ]
     );
-    let ciphertext: Vec<u8> = sqlx::query_scalar("SELECT ciphertext FROM provider_keys")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let ciphertext: Vec<u8> = tg.scalar("SELECT ciphertext FROM provider_keys", &[]).await;
     assert!(!ciphertext.windows(own.len()).any(|w| w == own.as_bytes()));
-    let mut raw = std::fs::read(&tg.db_path).unwrap();
-    raw.extend(std::fs::read(tg.db_path.with_extension("db-wal")).unwrap_or_default());
-    assert!(
-        !raw.windows(own.len()).any(|w| w == own.as_bytes()),
-        "plaintext key found in the database files"
-    );
+    // The file scan is SQLite's; under PostgreSQL the column check above is what we can see.
+    if !common::server::on_postgres() {
+        let mut raw = std::fs::read(&tg.db_path).unwrap();
+        raw.extend(std::fs::read(tg.db_path.with_extension("db-wal")).unwrap_or_default());
+        assert!(
+            !raw.windows(own.len()).any(|w| w == own.as_bytes()),
+            "plaintext key found in the database files"
+        );
+    }
 
     // Deleted: back to 403.
     assert_eq!(
@@ -825,13 +834,14 @@ async fn spend_survives_a_restart() {
             .status(),
         200
     );
-    tg.wait_for_interceptions(1).await;
+    tg.wait_until_recorded(1).await;
+    let db_url = tg.db_url.clone();
     let (clean, _) = tg.stop().await;
     assert!(clean);
     // A new process on the same database knows ava already spent $0.014205 of her $0.02.
     let tg = Tollgate::builder()
         .provider("anthropic", "anthropic", &upstream.base_url())
-        .database(&db)
+        .database_url(&db_url)
         .extra(config)
         .start()
         .await;

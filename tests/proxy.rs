@@ -92,8 +92,81 @@ fn interception_id(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
-/// The recorded interception, in the fields the gateway tests compare.
-async fn interception(db: &SqlitePool, id: &str) -> Value {
+/// Builds the comparison JSON from an interceptions row and its children, whichever the
+/// backend's row type (the SQL in `interception` hands both the same column types).
+macro_rules! interception_json {
+    ($r:expr, $tools:expr, $thoughts:expr, $prompts:expr) => {{
+        let (r, tools) = (&$r, &$tools);
+        json!({
+            "provider": r.get::<String, _>("provider"),
+            "model": r.get::<String, _>("model"),
+            "status": r.get::<String, _>("status"),
+            "upstream_status": r.get::<Option<i64>, _>("upstream_status"),
+            "streaming": r.get::<bool, _>("streaming"),
+            "client": r.get::<String, _>("client"),
+            "credential_kind": r.get::<String, _>("credential_kind"),
+            "credential_hint": r.get::<Option<String>, _>("credential_hint"),
+            "response_id": r.get::<Option<String>, _>("response_id"),
+            "input": r.get::<i64, _>("input_tokens"),
+            "output": r.get::<i64, _>("output_tokens"),
+            "cache_read": r.get::<i64, _>("cache_read_input_tokens"),
+            "cache_write": r.get::<i64, _>("cache_write_input_tokens"),
+            "reasoning": r.get::<i64, _>("reasoning_tokens"),
+            "cost_nano_usd": r.get::<i64, _>("cost_nano_usd"),
+            "user_id": r.get::<String, _>("user_id"),
+            "prompts": $prompts,
+            "tools": tools.iter().map(|t| json!({
+                "id": t.get::<String, _>(0),
+                "name": t.get::<String, _>(1),
+                "arguments": serde_json::from_str::<Value>(&t.get::<String, _>(2)).unwrap_or(Value::Null),
+            })).collect::<Vec<_>>(),
+            "thoughts": $thoughts,
+        })
+    }};
+}
+
+/// The recorded interception, in the fields the gateway tests compare, from either backend.
+async fn interception(tg: &Tollgate, id: &str) -> Value {
+    if !common::server::on_postgres() {
+        return interception_sqlite(&tg.db().await, id).await;
+    }
+    // uuid and integer columns cast to what the SQLite file holds (text ids, i64).
+    let db = sqlx::PgPool::connect(&tg.db_url).await.unwrap();
+    let r = sqlx::query(
+        "SELECT provider, model, status, upstream_status::bigint AS upstream_status, streaming, \
+         client, credential_kind, credential_hint, response_id, input_tokens, output_tokens, \
+         cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, cost_nano_usd, \
+         user_id::text AS user_id FROM interceptions WHERE id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let tools = sqlx::query(
+        "SELECT tool_call_id, tool, input FROM tool_usages WHERE interception_id = $1::uuid ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let thoughts: Vec<String> = sqlx::query_scalar(
+        "SELECT content FROM model_thoughts WHERE interception_id = $1::uuid ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let prompts: Vec<String> =
+        sqlx::query_scalar("SELECT prompt FROM user_prompts WHERE interception_id = $1::uuid")
+            .bind(id)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    interception_json!(r, tools, thoughts, prompts)
+}
+
+async fn interception_sqlite(db: &SqlitePool, id: &str) -> Value {
     let r = sqlx::query("SELECT * FROM interceptions WHERE id = ?")
         .bind(id)
         .fetch_one(db)
@@ -119,31 +192,7 @@ async fn interception(db: &SqlitePool, id: &str) -> Value {
             .fetch_all(db)
             .await
             .unwrap();
-    json!({
-        "provider": r.get::<String, _>("provider"),
-        "model": r.get::<String, _>("model"),
-        "status": r.get::<String, _>("status"),
-        "upstream_status": r.get::<Option<i64>, _>("upstream_status"),
-        "streaming": r.get::<bool, _>("streaming"),
-        "client": r.get::<String, _>("client"),
-        "credential_kind": r.get::<String, _>("credential_kind"),
-        "credential_hint": r.get::<Option<String>, _>("credential_hint"),
-        "response_id": r.get::<Option<String>, _>("response_id"),
-        "input": r.get::<i64, _>("input_tokens"),
-        "output": r.get::<i64, _>("output_tokens"),
-        "cache_read": r.get::<i64, _>("cache_read_input_tokens"),
-        "cache_write": r.get::<i64, _>("cache_write_input_tokens"),
-        "reasoning": r.get::<i64, _>("reasoning_tokens"),
-        "cost_nano_usd": r.get::<i64, _>("cost_nano_usd"),
-        "user_id": r.get::<String, _>("user_id"),
-        "prompts": prompts,
-        "tools": tools.iter().map(|t| json!({
-            "id": t.get::<String, _>(0),
-            "name": t.get::<String, _>(1),
-            "arguments": serde_json::from_str::<Value>(&t.get::<String, _>(2)).unwrap_or(Value::Null),
-        })).collect::<Vec<_>>(),
-        "thoughts": thoughts,
-    })
+    interception_json!(r, tools, thoughts, prompts)
 }
 
 fn assert_matches_manifest(row: &Value, fixture: &str) {
@@ -377,13 +426,15 @@ async fn mitm_calls_are_recorded_exactly_like_gateway_calls() {
             .all(|(_, v)| !v.contains("client-own") && !v.contains(&key)));
         assert!(req.header("proxy-authorization").is_none());
     }
-    let db = tg.wait_for_interceptions(cases.len() as i64).await;
-    let alice: String = sqlx::query_scalar("SELECT id FROM users WHERE username = 'alice'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    tg.wait_until_recorded(cases.len() as i64).await;
+    let alice: String = tg
+        .scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = 'alice'",
+            &[],
+        )
+        .await;
     for ((url, body, fixture), id) in cases.iter().zip(&ids) {
-        let row = interception(&db, id).await;
+        let row = interception(&tg, id).await;
         assert_matches_manifest(&row, fixture);
         let provider = if url.contains("anthropic") {
             "anthropic"
@@ -404,7 +455,7 @@ async fn mitm_calls_are_recorded_exactly_like_gateway_calls() {
         assert!(row["cost_nano_usd"].as_i64().unwrap() > 0);
     }
     let rows: Vec<Value> =
-        futures_util::future::join_all(ids.iter().map(|id| interception(&db, id))).await;
+        futures_util::future::join_all(ids.iter().map(|id| interception(&tg, id))).await;
     // The stream and its blocking twin are recorded alike.
     for field in [
         "input",
@@ -477,7 +528,7 @@ async fn keep_alive_and_http2_share_one_connect_each() {
         assert_eq!(got, fixture_bytes("openai-chat.json"));
     }
     assert_eq!(metric(&tg, MITM_CONNECTS).await, 3);
-    tg.wait_for_interceptions(9).await;
+    tg.wait_until_recorded(9).await;
     // The proxy port also serves the gateway routes (not a CONNECT: replayed to the gateway).
     let plain = reqwest::Client::builder().no_proxy().build().unwrap();
     let resp = plain
@@ -518,8 +569,8 @@ async fn the_clients_own_key_is_kept_when_the_policy_allows_it() {
         upstream.last_request().header("authorization"),
         Some("Bearer sk-dana-personal-4321")
     );
-    let db = tg.wait_for_interceptions(1).await;
-    let row = interception(&db, &id).await;
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
     assert_eq!(row["credential_kind"], "byok");
     assert_eq!(row["credential_hint"], "sk-…4321");
 }
@@ -577,16 +628,18 @@ async fn copilot_through_mitm_keeps_the_github_token_and_is_recorded() {
         upstream.last_request().header("authorization"),
         Some("Bearer ghu_carolsGitHubToken1234")
     );
-    let db = tg.wait_for_interceptions(1).await;
-    let row = interception(&db, &id).await;
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
     assert_matches_manifest(&row, "openai-chat-stream.sse");
     assert_eq!(row["provider"], "copilot");
     assert_eq!(row["client"], "GitHub Copilot (VS Code)");
     assert_eq!(row["credential_kind"], "byok");
-    let carol: String = sqlx::query_scalar("SELECT id FROM users WHERE username = 'carol'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let carol: String = tg
+        .scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = 'carol'",
+            &[],
+        )
+        .await;
     assert_eq!(row["user_id"], carol.as_str());
 }
 

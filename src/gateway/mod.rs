@@ -40,7 +40,7 @@ use crate::config::{Config, KeyPolicyConfig};
 use crate::governance::budget::LimitScope;
 use crate::governance::keyvault::KeyVault;
 use crate::governance::limits::ConcurrencyPermit;
-use crate::governance::pricing::{self, PriceBook};
+use crate::governance::pricing::{self, ModelPrice, PriceBook};
 use crate::governance::{Admission, Denial, Governance};
 use crate::money::NanoUsd;
 use crate::providers::{
@@ -198,6 +198,8 @@ struct OpenInterception {
     parser: Option<Box<dyn ResponseParser>>,
     /// What the parser found, once the response is complete (or cut).
     summary: Option<ResponseSummary>,
+    /// The prices used and the cost charged, set together with `summary`.
+    charge: Option<(Option<ModelPrice>, NanoUsd)>,
     streaming: bool,
     upstream_status: Option<u16>,
     ttfb: Option<Duration>,
@@ -584,8 +586,7 @@ impl Gateway {
         let headers = &session.req_header().headers;
         let client = clients::identify(headers, request.metadata_user_id.as_deref());
         let thread = self.find_thread(&request.tool_result_ids).await;
-        metrics::gauge!(metric::INTERCEPTIONS_INFLIGHT, "provider" => routed.route.name.clone())
-            .increment(1.0);
+        routed.route.series().inflight().increment(1.0);
         OpenInterception {
             id: Uuid::now_v7(),
             started: Instant::now(),
@@ -597,10 +598,15 @@ impl Gateway {
             client,
             thread,
             credential_kind: credential.kind,
-            credential_hint: credential.key.as_deref().map(mask_secret),
+            credential_hint: match credential.kind {
+                // The central key's mask is computed once per route.
+                CredentialKind::Central => routed.route.central_key_hint.clone(),
+                CredentialKind::Byok => credential.key.as_deref().map(mask_secret),
+            },
             admission: None,
             parser: None,
             summary: None,
+            charge: None,
             streaming: false,
             upstream_status: None,
             ttfb: None,
@@ -673,8 +679,9 @@ impl Gateway {
         // While the upstream thinks (a long generation can take minutes before its first byte),
         // watch the client: if it goes away, stop waiting and stop paying for the call.
         let sent = {
-            let send = self.send(&peer, head, body);
-            tokio::pin!(send);
+            // Boxed: the connect-and-send future is ~10 KB, and inline it would stay part of
+            // this request's future (and its memory) for the whole life of a stream.
+            let mut send = Box::pin(self.send(&peer, head, body));
             tokio::select! {
                 sent = &mut send => sent,
                 gone = session.as_downstream_mut().read_body_or_idle(true) => {
@@ -710,8 +717,9 @@ impl Gateway {
                 return Err(Refusal::new(kind, msg).into());
             }
         };
+        // The head is read in place (borrowed from the upstream session, not copied).
         let upstream_head = match up.response_header() {
-            Some(h) => h.clone(),
+            Some(h) => h,
             None => {
                 return Err(Refusal::new(
                     RefusalKind::UpstreamUnreachable,
@@ -726,7 +734,9 @@ impl Gateway {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-        metrics::histogram!(metric::UPSTREAM_TTFB_SECONDS, "provider" => route.name.clone())
+        route
+            .series()
+            .upstream_ttfb()
             .record(waited.elapsed().as_secs_f64());
 
         let mut stripper = None;
@@ -798,7 +808,7 @@ impl Gateway {
         let mut upstream = Some(up);
         while let Some(conn) = upstream.as_mut() {
             if conn.response_done() {
-                self.release(upstream.take(), &peer).await;
+                Box::pin(self.release(upstream.take(), &peer)).await;
                 break;
             }
             let read_started = Instant::now();
@@ -860,7 +870,7 @@ impl Gateway {
                 if let Some(o) = open.as_deref_mut() {
                     self.settle_response(o);
                 }
-                self.release(upstream.take(), &peer).await;
+                Box::pin(self.release(upstream.take(), &peer)).await;
             }
             let out = match stripper.as_mut() {
                 Some(s) => s.push(&chunk),
@@ -956,10 +966,14 @@ impl Gateway {
     /// Takes the parser's findings once the response is complete, and makes its tool calls
     /// known to thread lineage right away.
     fn settle_response(&self, open: &mut OpenInterception) {
-        let Some(mut parser) = open.parser.take() else {
+        if open.summary.is_some() {
             return;
-        };
-        let summary = parser.finish();
+        }
+        let summary = open
+            .parser
+            .take()
+            .map(|mut p| p.finish())
+            .unwrap_or_default();
         let link = ThreadLink {
             parent: open.id,
             root: open.thread.map(|t| t.root).unwrap_or(open.id),
@@ -967,17 +981,8 @@ impl Gateway {
         for call in &summary.tool_calls {
             self.state.threads.remember(&call.id, link);
         }
-        open.summary = Some(summary);
-    }
-
-    /// Phase 7: the record. Cost from the price book, metrics, structured logs, lineage index,
-    /// then the recorder queue (never waits).
-    fn close_interception(&self, mut open: OpenInterception) {
-        if open.summary.is_none() {
-            self.settle_response(&mut open);
-        }
-        let summary = open.summary.take().unwrap_or_default();
-        let status = open.status.unwrap_or(InterceptionStatus::ClientAborted);
+        // Charge now, before the client has the last byte, so its next request already sees
+        // the spend (sequential requests cannot slip past a nearly spent cap).
         let usage = summary.usage.unwrap_or_default();
         let admission = open.admission.take();
         let price = admission.as_ref().and_then(|a| a.price).or_else(|| {
@@ -995,6 +1000,18 @@ impl Gateway {
         if let Some(a) = admission {
             self.state.governance.settle(a, cost);
         }
+        open.charge = Some((price, cost));
+        open.summary = Some(summary);
+    }
+
+    /// Phase 7: the record. Cost from the price book, metrics, structured logs, lineage index,
+    /// then the recorder queue (never waits).
+    fn close_interception(&self, mut open: OpenInterception) {
+        self.settle_response(&mut open);
+        let summary = open.summary.take().unwrap_or_default();
+        let status = open.status.unwrap_or(InterceptionStatus::ClientAborted);
+        let usage = summary.usage.unwrap_or_default();
+        let (price, cost) = open.charge.take().unwrap_or((None, NanoUsd(0)));
         let error = open.error.take().or_else(|| {
             (!open.error_body.is_empty())
                 .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
@@ -1013,15 +1030,15 @@ impl Gateway {
             provider: open.route.name.clone(),
             provider_kind: open.route.kind.as_str(),
             endpoint: endpoint_name(open.endpoint),
-            model: open.request.model.clone(),
-            response_model: summary.model.clone(),
+            model: std::mem::take(&mut open.request.model),
+            response_model: summary.model,
             client: open.client.client.as_str(),
             client_session_id: open.client.session_id.clone(),
             session_key,
             thread_parent_id: open.thread.map(|t| t.parent),
             thread_root_id: thread_root,
             credential_kind: open.credential_kind,
-            credential_hint: open.credential_hint.clone(),
+            credential_hint: open.credential_hint.take(),
             status,
             upstream_status: open.upstream_status,
             error,
@@ -1029,7 +1046,7 @@ impl Gateway {
             started_at: open.started_at,
             ended_at: Utc::now(),
             ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
-            response_id: summary.response_id.clone(),
+            response_id: summary.response_id,
             usage,
             prompt: open.request.last_user_prompt.take(),
             tool_calls: summary.tool_calls,
@@ -1037,8 +1054,7 @@ impl Gateway {
             cost,
             price,
         };
-        metrics::gauge!(metric::INTERCEPTIONS_INFLIGHT, "provider" => record.provider.clone())
-            .decrement(1.0);
+        open.route.series().inflight().decrement(1.0);
         telemetry::count_interception(
             &record,
             open.started.elapsed().as_secs_f64(),
@@ -1267,14 +1283,29 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> 
     if declared.is_some_and(|n| n > max) {
         return Err(too_large());
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    // A body that arrives as one chunk (the usual case) is used as it is; only a body in
+    // several chunks is copied into one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > max {
+                let so_far =
+                    first.as_ref().map_or(0, Bytes::len) + joined.as_ref().map_or(0, BytesMut::len);
+                if so_far + chunk.len() > max {
                     return Err(too_large());
                 }
-                buf.extend_from_slice(&chunk);
+                match (joined.as_mut(), first.take()) {
+                    (Some(buf), _) => buf.extend_from_slice(&chunk),
+                    (None, None) => first = Some(chunk),
+                    (None, Some(head)) => {
+                        let need = head.len() + chunk.len();
+                        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).max(need));
+                        buf.extend_from_slice(&head);
+                        buf.extend_from_slice(&chunk);
+                        joined = Some(buf);
+                    }
+                }
             }
             Ok(None) => break,
             Err(e) => {
@@ -1285,7 +1316,10 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> 
             }
         }
     }
-    Ok(buf.freeze())
+    Ok(match joined {
+        Some(buf) => buf.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 fn mark_failed(

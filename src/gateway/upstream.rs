@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -20,6 +20,8 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{ProviderConfig, UpstreamUrl};
 use crate::providers::{CredentialHeader, Provider, ProviderKind};
+use crate::store::mask_secret;
+use crate::telemetry::{self, ProviderSeries};
 
 /// One configured provider, ready for the hot path.
 pub struct ProviderRoute {
@@ -30,8 +32,12 @@ pub struct ProviderRoute {
     pub upstream: UpstreamUrl,
     /// The central key, read from the environment at start. Never logged.
     pub central_key: Option<String>,
+    /// The central key masked for records (`sk-…abcd`), computed once.
+    pub central_key_hint: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// This route's metric handles, taken on first use.
+    series: OnceLock<Arc<ProviderSeries>>,
 }
 
 impl std::fmt::Debug for ProviderRoute {
@@ -51,19 +57,28 @@ impl ProviderRoute {
         cfg: &ProviderConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> ProviderRoute {
+        let central_key = cfg
+            .api_key_env
+            .as_deref()
+            .and_then(env)
+            .filter(|k| !k.trim().is_empty());
         ProviderRoute {
             name: name.to_string(),
             kind: cfg.kind,
             adapter: cfg.kind.adapter(),
             upstream: cfg.base_url.clone(),
-            central_key: cfg
-                .api_key_env
-                .as_deref()
-                .and_then(env)
-                .filter(|k| !k.trim().is_empty()),
+            central_key_hint: central_key.as_deref().map(mask_secret),
+            central_key,
             connect_timeout: cfg.connect_timeout,
             read_timeout: cfg.read_timeout,
+            series: OnceLock::new(),
         }
+    }
+
+    /// The metric series labelled with this route's name.
+    pub fn series(&self) -> &ProviderSeries {
+        self.series
+            .get_or_init(|| telemetry::provider_series(&self.name))
     }
 
     /// The upstream path: `base_url`'s path, then the path after the provider prefix (with query).

@@ -1,12 +1,15 @@
 //! Persistence: the database pool, migrations, the queries the rest of Tollgate needs, and the
 //! batching recorder that writes interceptions off the request path.
 //!
-//! SQLite is the embedded default (one file, WAL mode). Times are stored as integer UTC
-//! milliseconds, ids as UUID text, money as integer nano-USD.
+//! SQLite is the embedded default (one file, WAL mode): times are stored as integer UTC
+//! milliseconds, ids as UUID text, money as integer nano-USD. PostgreSQL (`database.url =
+//! "postgres://…"`) is the shared store for several replicas: native `uuid`, `timestamptz`,
+//! `bigint` and `bytea` (see `migrations/postgres/`). Both sit behind the same [`Store`] methods.
 //!
 //! Not here: deciding anything (auth, budgets, routing). The store answers questions and writes
 //! what it is given.
 
+mod dialect;
 mod governance;
 mod queries;
 mod record;
@@ -20,8 +23,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
@@ -43,6 +47,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// The database cannot be reached (start-up); the message names the server, not the URL.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]
@@ -129,18 +136,32 @@ fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
 }
 
 /// The database behind Tollgate.
+///
+/// One of two backends, chosen by the URL's scheme. Each query method matches on the backend
+/// and runs that dialect's SQL: SQLite stores ids as text and times as epoch milliseconds,
+/// PostgreSQL uses native `uuid` and `timestamptz`, so binds differ as well as placeholders.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Whether `url` names a PostgreSQL database (anything else is taken as SQLite).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 impl Store {
-    /// Opens the database named by `url` (creating a SQLite file and its folder if needed).
+    /// Opens the database named by `url`: `postgres://…` for PostgreSQL, otherwise SQLite
+    /// (creating the file and its folder if needed).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
-        if url.starts_with("postgres") {
-            return Err(StoreError::Invalid(
-                "PostgreSQL is not supported by this build yet; use a sqlite: URL".into(),
-            ));
+        if is_postgres_url(url) {
+            return Self::connect_postgres(url, max_connections).await;
         }
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -161,26 +182,75 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(Store { pool })
+        Ok(Store {
+            backend: Backend::Sqlite(pool),
+        })
+    }
+
+    /// Connects eagerly so that a wrong or unreachable server stops the start at once. The
+    /// error names host, port and database but never the URL itself, which may hold a password.
+    async fn connect_postgres(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            StoreError::Invalid(format!("database.url is not a valid PostgreSQL URL: {e}"))
+        })?;
+        let target = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        );
+        // Shorter than open_store's overall timeout, so this message (with the host) wins.
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot connect to PostgreSQL at {target}: {e}"))
+            })?;
+        Ok(Store {
+            backend: Backend::Postgres(pool),
+        })
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// True when the store is PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.pool)
-            .await?;
+        match &self.backend {
+            Backend::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Backend::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+        }
         Ok(())
     }
 
     /// Readiness: the database answers and the schema is in place.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1 FROM users LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await?;
+        let sql = "SELECT 1 FROM users LIMIT 1";
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query(sql).fetch_optional(pool).await?;
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query(sql).fetch_optional(pool).await?;
+            }
+        }
         Ok(())
     }
 
-    pub(crate) fn sqlite_pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The SQLite pool, for unit tests that look at rows directly.
+    #[cfg(test)]
+    pub(crate) fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.backend {
+            Backend::Sqlite(pool) => Some(pool),
+            Backend::Postgres(_) => None,
+        }
     }
 
     // ---- users and groups -------------------------------------------------------------------
@@ -193,60 +263,124 @@ impl Store {
         groups: &[String],
     ) -> Result<User, StoreError> {
         validate_name("username", username)?;
-        let now = Utc::now();
-        let id = Uuid::new_v4();
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO users (id, username, is_admin, created_at, updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(username) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(username)
-        .bind(is_admin)
-        .bind(millis(now))
-        .bind(millis(now))
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(StoreError::Conflict(format!("user {username:?}")));
-        }
         for g in groups {
             validate_name("group", g)?;
-            sqlx::query("INSERT INTO groups (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING")
-                .bind(Uuid::new_v4().to_string())
-                .bind(g)
+        }
+        // Whole milliseconds everywhere, so both backends hand back the same instant.
+        let now = from_millis(millis(Utc::now()));
+        let id = Uuid::new_v4();
+        let inserted = match &self.backend {
+            Backend::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO users (id, username, is_admin, created_at, updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(username) DO NOTHING",
+                )
+                .bind(id.to_string())
+                .bind(username)
+                .bind(is_admin)
+                .bind(millis(now))
                 .bind(millis(now))
                 .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO group_members (group_id, user_id) SELECT id, ? FROM groups WHERE name = ? ON CONFLICT DO NOTHING",
-            )
-            .bind(id.to_string())
-            .bind(g)
-            .execute(&mut *tx)
-            .await?;
+                .await?
+                .rows_affected();
+                if inserted > 0 {
+                    for g in groups {
+                        sqlx::query("INSERT INTO groups (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING")
+                            .bind(Uuid::new_v4().to_string())
+                            .bind(g)
+                            .bind(millis(now))
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO group_members (group_id, user_id) SELECT id, ? FROM groups WHERE name = ? ON CONFLICT DO NOTHING",
+                        )
+                        .bind(id.to_string())
+                        .bind(g)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                }
+                inserted
+            }
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO users (id, username, is_admin, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT(username) DO NOTHING",
+                )
+                .bind(id)
+                .bind(username)
+                .bind(is_admin)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted > 0 {
+                    for g in groups {
+                        sqlx::query("INSERT INTO groups (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT(name) DO NOTHING")
+                            .bind(Uuid::new_v4())
+                            .bind(g)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO group_members (group_id, user_id) SELECT id, $1 FROM groups WHERE name = $2 ON CONFLICT DO NOTHING",
+                        )
+                        .bind(id)
+                        .bind(g)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                }
+                inserted
+            }
+        };
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("user {username:?}")));
         }
-        tx.commit().await?;
         Ok(User {
             id,
             username: username.to_string(),
             is_admin,
-            created_at: from_millis(millis(now)),
+            created_at: now,
         })
     }
 
     pub async fn find_user(&self, username: &str) -> Result<User, StoreError> {
-        let row =
-            sqlx::query("SELECT id, username, is_admin, created_at FROM users WHERE username = ?")
+        let not_found = || StoreError::NotFound(format!("user {username:?}"));
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let row = sqlx::query(
+                    "SELECT id, username, is_admin, created_at FROM users WHERE username = ?",
+                )
                 .bind(username)
-                .fetch_optional(&self.pool)
+                .fetch_optional(pool)
                 .await?
-                .ok_or_else(|| StoreError::NotFound(format!("user {username:?}")))?;
-        Ok(User {
-            id: parse_uuid(row.get::<&str, _>(0))?,
-            username: row.get(1),
-            is_admin: row.get(2),
-            created_at: from_millis(row.get(3)),
-        })
+                .ok_or_else(not_found)?;
+                Ok(User {
+                    id: parse_uuid(row.get::<&str, _>(0))?,
+                    username: row.get(1),
+                    is_admin: row.get(2),
+                    created_at: from_millis(row.get(3)),
+                })
+            }
+            Backend::Postgres(pool) => {
+                let row = sqlx::query(
+                    "SELECT id, username, is_admin, created_at FROM users WHERE username = $1",
+                )
+                .bind(username)
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(not_found)?;
+                Ok(User {
+                    id: row.get(0),
+                    username: row.get(1),
+                    is_admin: row.get(2),
+                    created_at: row.get(3),
+                })
+            }
+        }
     }
 
     // ---- API keys ---------------------------------------------------------------------------
@@ -256,28 +390,44 @@ impl Store {
         let mut raw = [0u8; 24];
         rand::rngs::OsRng.fill_bytes(&mut raw);
         let secret = format!("{KEY_PREFIX}{}", hex::encode(raw));
-        let now = Utc::now();
+        let now = from_millis(millis(Utc::now()));
         let info = ApiKeyInfo {
             id: Uuid::new_v4(),
             user_id,
             name: name.to_string(),
             hint: mask_secret(&secret),
-            created_at: from_millis(millis(now)),
+            created_at: now,
             revoked_at: None,
         };
-        let res = sqlx::query(
-            "INSERT INTO api_keys (id, user_id, name, secret_hash, hint, created_at, updated_at) SELECT ?, id, ?, ?, ?, ?, ? FROM users WHERE id = ?",
-        )
-        .bind(info.id.to_string())
-        .bind(name)
-        .bind(hex::encode(hash_key(&secret)))
-        .bind(&info.hint)
-        .bind(millis(now))
-        .bind(millis(now))
-        .bind(user_id.to_string())
-        .execute(&self.pool)
-        .await?;
-        if res.rows_affected() == 0 {
+        let hash = hex::encode(hash_key(&secret));
+        let affected = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(
+                "INSERT INTO api_keys (id, user_id, name, secret_hash, hint, created_at, updated_at) SELECT ?, id, ?, ?, ?, ?, ? FROM users WHERE id = ?",
+            )
+            .bind(info.id.to_string())
+            .bind(name)
+            .bind(&hash)
+            .bind(&info.hint)
+            .bind(millis(now))
+            .bind(millis(now))
+            .bind(user_id.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            Backend::Postgres(pool) => sqlx::query(
+                "INSERT INTO api_keys (id, user_id, name, secret_hash, hint, created_at, updated_at) SELECT $1, id, $2, $3, $4, $5, $5 FROM users WHERE id = $6",
+            )
+            .bind(info.id)
+            .bind(name)
+            .bind(&hash)
+            .bind(&info.hint)
+            .bind(now)
+            .bind(user_id)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        };
+        if affected == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         Ok(NewApiKey { info, secret })
@@ -285,14 +435,27 @@ impl Store {
 
     /// Marks a key revoked. Returns false when no such (unrevoked) key exists.
     pub async fn revoke_api_key(&self, id: Uuid) -> Result<bool, StoreError> {
-        let now = millis(Utc::now());
-        let res = sqlx::query("UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(now)
-            .bind(now)
+        let now = Utc::now();
+        let affected = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(
+                "UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
+            )
+            .bind(millis(now))
+            .bind(millis(now))
             .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(res.rows_affected() > 0)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            Backend::Postgres(pool) => sqlx::query(
+                "UPDATE api_keys SET revoked_at = $1, updated_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            )
+            .bind(from_millis(millis(now)))
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        };
+        Ok(affected > 0)
     }
 
     /// The principal behind a key hash, if the key exists and is not revoked.
@@ -300,30 +463,54 @@ impl Store {
         &self,
         hash: &[u8; 32],
     ) -> Result<Option<Principal>, StoreError> {
-        let row = sqlx::query(
-            "SELECT k.id, u.id, u.username, u.is_admin FROM api_keys k JOIN users u ON u.id = k.user_id \
-             WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
-        )
-        .bind(hex::encode(hash))
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let user_id = parse_uuid(row.get::<&str, _>(1))?;
-        let groups = sqlx::query("SELECT group_id FROM group_members WHERE user_id = ?")
-            .bind(user_id.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        let mut group_ids = Vec::with_capacity(groups.len());
-        for g in groups {
-            group_ids.push(parse_uuid(g.get::<&str, _>(0))?);
+        let hash = hex::encode(hash);
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let row = sqlx::query(
+                    "SELECT k.id, u.id, u.username, u.is_admin FROM api_keys k JOIN users u ON u.id = k.user_id \
+                     WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
+                )
+                .bind(hash)
+                .fetch_optional(pool)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                let user_id = parse_uuid(row.get::<&str, _>(1))?;
+                let groups = sqlx::query("SELECT group_id FROM group_members WHERE user_id = ?")
+                    .bind(user_id.to_string())
+                    .fetch_all(pool)
+                    .await?;
+                let mut group_ids = Vec::with_capacity(groups.len());
+                for g in groups {
+                    group_ids.push(parse_uuid(g.get::<&str, _>(0))?);
+                }
+                Ok(Some(Principal {
+                    api_key_id: parse_uuid(row.get::<&str, _>(0))?,
+                    user_id,
+                    username: row.get(2),
+                    is_admin: row.get(3),
+                    group_ids,
+                }))
+            }
+            Backend::Postgres(pool) => {
+                // One round trip: the group ids come back as an array.
+                let row = sqlx::query(
+                    "SELECT k.id, u.id, u.username, u.is_admin, \
+                     ARRAY(SELECT m.group_id FROM group_members m WHERE m.user_id = u.id) \
+                     FROM api_keys k JOIN users u ON u.id = k.user_id \
+                     WHERE k.secret_hash = $1 AND k.revoked_at IS NULL",
+                )
+                .bind(hash)
+                .fetch_optional(pool)
+                .await?;
+                Ok(row.map(|row| Principal {
+                    api_key_id: row.get(0),
+                    user_id: row.get(1),
+                    username: row.get(2),
+                    is_admin: row.get(3),
+                    group_ids: row.get(4),
+                }))
+            }
         }
-        Ok(Some(Principal {
-            api_key_id: parse_uuid(row.get::<&str, _>(0))?,
-            user_id,
-            username: row.get(2),
-            is_admin: row.get(3),
-            group_ids,
-        }))
     }
 
     // ---- interceptions ----------------------------------------------------------------------
@@ -334,19 +521,30 @@ impl Store {
         &self,
         tool_call_id: &str,
     ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
-        let row = sqlx::query(
-            "SELECT i.id, COALESCE(i.thread_root_id, i.id) FROM tool_usages t JOIN interceptions i ON i.id = t.interception_id \
-             WHERE t.tool_call_id = ? ORDER BY t.id DESC LIMIT 1",
-        )
-        .bind(tool_call_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            None => Ok(None),
-            Some(r) => Ok(Some((
-                parse_uuid(r.get::<&str, _>(0))?,
-                parse_uuid(r.get::<&str, _>(1))?,
-            ))),
+        const SQL: &str = "SELECT i.id, COALESCE(i.thread_root_id, i.id) FROM tool_usages t JOIN interceptions i ON i.id = t.interception_id \
+             WHERE t.tool_call_id = ";
+        const TAIL: &str = " ORDER BY t.id DESC LIMIT 1";
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let row = sqlx::query(&format!("{SQL}?{TAIL}"))
+                    .bind(tool_call_id)
+                    .fetch_optional(pool)
+                    .await?;
+                match row {
+                    None => Ok(None),
+                    Some(r) => Ok(Some((
+                        parse_uuid(r.get::<&str, _>(0))?,
+                        parse_uuid(r.get::<&str, _>(1))?,
+                    ))),
+                }
+            }
+            Backend::Postgres(pool) => {
+                let row = sqlx::query(&format!("{SQL}$1{TAIL}"))
+                    .bind(tool_call_id)
+                    .fetch_optional(pool)
+                    .await?;
+                Ok(row.map(|r| (r.get(0), r.get(1))))
+            }
         }
     }
 
@@ -355,13 +553,18 @@ impl Store {
         &self,
         batch: &[InterceptionRecord],
     ) -> Result<(), StoreError> {
-        record::insert_batch_sqlite(&self.pool, batch).await
+        match &self.backend {
+            Backend::Sqlite(pool) => record::insert_batch_sqlite(pool, batch).await,
+            Backend::Postgres(pool) => record::insert_batch_postgres(pool, batch).await,
+        }
     }
 
     pub async fn count_interceptions(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM interceptions")
-            .fetch_one(&self.pool)
-            .await?)
+        let sql = "SELECT COUNT(*) FROM interceptions";
+        Ok(match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
+            Backend::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
+        })
     }
 }
 
@@ -443,7 +646,7 @@ mod tests {
             .is_none());
         // the secret itself is nowhere in the database
         let hashes: Vec<String> = sqlx::query_scalar("SELECT secret_hash || hint FROM api_keys")
-            .fetch_all(store.sqlite_pool())
+            .fetch_all(store.sqlite_pool().unwrap())
             .await
             .unwrap();
         assert!(hashes.iter().all(|h| !h.contains(&key.secret[3..])));

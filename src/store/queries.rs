@@ -6,16 +6,20 @@
 //! queries. Lists are keyset-paginated and every child table is fetched for a whole page with
 //! one `IN (...)` query per table (never one query per row).
 //!
+//! Each method is written once and runs on SQLite or PostgreSQL through `per_backend!` (see
+//! `dialect.rs`): the SQL is shared, with the few dialect differences (index hints, distinct
+//! lists, day bucketing, id/time binds) supplied per backend.
+//!
 //! Not here: who may see what (the API layer filters by caller before it asks), HTTP shapes, or
 //! writing interceptions (the recorder).
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::QueryBuilder;
 use uuid::Uuid;
 
+use super::dialect::{per_backend, DbRow, Dialect};
 use super::{from_millis, millis, parse_uuid, validate_name, Store, StoreError, User};
 use crate::governance::pricing::ModelPrice;
 use crate::money::NanoUsd;
@@ -43,22 +47,27 @@ pub struct InterceptionFilter {
 
 impl InterceptionFilter {
     /// Appends ` AND ...` for every set condition, on the table aliased `alias`.
-    fn push(&self, qb: &mut QueryBuilder<'_, Sqlite>, alias: &str) {
+    fn push<D: Dialect>(&self, qb: &mut QueryBuilder<'_, D>, alias: &str) {
         self.push_terms(qb, alias, "");
     }
 
     /// As [`InterceptionFilter::push`], but with provider, model and client terms written
     /// `+alias.column` (SQLite's way of saying "do not use an index for this term"), so a walk
     /// in `ORDER BY` order keeps to its ordered index instead of collecting and sorting every
-    /// row of, say, one model.
-    fn push_unindexed_attributes(&self, qb: &mut QueryBuilder<'_, Sqlite>, alias: &str) {
-        self.push_terms(qb, alias, "+");
+    /// row of, say, one model. (PostgreSQL has no such hint; its planner picks the walk.)
+    fn push_unindexed_attributes<D: Dialect>(&self, qb: &mut QueryBuilder<'_, D>, alias: &str) {
+        self.push_terms(qb, alias, D::UNINDEXED);
     }
 
-    fn push_terms(&self, qb: &mut QueryBuilder<'_, Sqlite>, alias: &str, attribute_prefix: &str) {
+    fn push_terms<D: Dialect>(
+        &self,
+        qb: &mut QueryBuilder<'_, D>,
+        alias: &str,
+        attribute_prefix: &str,
+    ) {
         if let Some(u) = self.user_id {
-            qb.push(format!(" AND {alias}.user_id = "))
-                .push_bind(u.to_string());
+            qb.push(format!(" AND {alias}.user_id = "));
+            D::push_id(qb, u);
         }
         for (column, value) in [
             ("provider", &self.provider),
@@ -66,21 +75,21 @@ impl InterceptionFilter {
             ("client", &self.client),
         ] {
             if let Some(v) = value {
-                qb.push(format!(" AND {attribute_prefix}{alias}.{column} = "))
-                    .push_bind(v.clone());
+                qb.push(format!(" AND {attribute_prefix}{alias}.{column} = "));
+                D::push_text(qb, v.clone());
             }
         }
         if let Some(v) = &self.session_key {
-            qb.push(format!(" AND {alias}.session_key = "))
-                .push_bind(v.clone());
+            qb.push(format!(" AND {alias}.session_key = "));
+            D::push_text(qb, v.clone());
         }
         if let Some(t) = self.started_after {
-            qb.push(format!(" AND {alias}.started_at >= "))
-                .push_bind(millis(t));
+            qb.push(format!(" AND {alias}.started_at >= "));
+            D::push_ms(qb, millis(t));
         }
         if let Some(t) = self.started_before {
-            qb.push(format!(" AND {alias}.started_at < "))
-                .push_bind(millis(t));
+            qb.push(format!(" AND {alias}.started_at < "));
+            D::push_ms(qb, millis(t));
         }
     }
 }
@@ -287,12 +296,12 @@ pub struct SeatHolderRow {
 /// The API's view of the store; see the module docs.
 #[derive(Clone, Copy)]
 pub struct Queries<'a> {
-    pool: &'a SqlitePool,
+    store: &'a Store,
 }
 
 impl Store {
     pub fn queries(&self) -> Queries<'_> {
-        Queries { pool: &self.pool }
+        Queries { store: self }
     }
 }
 
@@ -304,26 +313,12 @@ const INTERCEPTION_COLUMNS: &str =
      i.cache_read_input_tokens, i.cache_write_input_tokens, i.reasoning_tokens, i.cost_nano_usd, \
      i.priced";
 
-fn opt_uuid(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, StoreError> {
-    row.try_get::<Option<String>, _>(column)?
-        .map(|s| parse_uuid(&s))
-        .transpose()
-}
-
-fn uuid_col(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
-    parse_uuid(&row.try_get::<String, _>(column)?)
-}
-
-fn time_col(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
-    Ok(from_millis(row.try_get::<i64, _>(column)?))
-}
-
-fn count_col(row: &SqliteRow, column: &str) -> Result<u64, StoreError> {
-    Ok(u64::try_from(row.try_get::<Option<i64>, _>(column)?.unwrap_or(0)).unwrap_or(0))
+fn count_col<R: DbRow>(row: &R, column: &str) -> Result<u64, StoreError> {
+    Ok(u64::try_from(row.int(column)?).unwrap_or(0))
 }
 
 /// Reads the five token columns (or their sums) named `prefix` + column name.
-fn usage_cols(row: &SqliteRow, prefix: &str) -> Result<UsageSums, StoreError> {
+fn usage_cols<R: DbRow>(row: &R, prefix: &str) -> Result<UsageSums, StoreError> {
     Ok(TokenUsage {
         input: count_col(row, &format!("{prefix}input_tokens"))?,
         output: count_col(row, &format!("{prefix}output_tokens"))?,
@@ -333,85 +328,88 @@ fn usage_cols(row: &SqliteRow, prefix: &str) -> Result<UsageSums, StoreError> {
     })
 }
 
-const USAGE_SUMS: &str =
-    "SUM(i.input_tokens) AS input_tokens, SUM(i.output_tokens) AS output_tokens, \
-     SUM(i.cache_read_input_tokens) AS cache_read_input_tokens, \
-     SUM(i.cache_write_input_tokens) AS cache_write_input_tokens, \
-     SUM(i.reasoning_tokens) AS reasoning_tokens, SUM(i.cost_nano_usd) AS cost_nano_usd, \
+/// The casts keep sums integers on PostgreSQL (its SUM of bigint is numeric); on SQLite they
+/// change nothing.
+const USAGE_SUMS: &str = "CAST(SUM(i.input_tokens) AS BIGINT) AS input_tokens, \
+     CAST(SUM(i.output_tokens) AS BIGINT) AS output_tokens, \
+     CAST(SUM(i.cache_read_input_tokens) AS BIGINT) AS cache_read_input_tokens, \
+     CAST(SUM(i.cache_write_input_tokens) AS BIGINT) AS cache_write_input_tokens, \
+     CAST(SUM(i.reasoning_tokens) AS BIGINT) AS reasoning_tokens, \
+     CAST(SUM(i.cost_nano_usd) AS BIGINT) AS cost_nano_usd, \
      COUNT(*) AS interception_count";
 
-fn interception_from_row(row: &SqliteRow) -> Result<InterceptionRow, StoreError> {
+fn interception_from_row<R: DbRow>(row: &R) -> Result<InterceptionRow, StoreError> {
     Ok(InterceptionRow {
-        id: uuid_col(row, "id")?,
-        user_id: uuid_col(row, "user_id")?,
-        username: row.try_get("username")?,
-        api_key_id: opt_uuid(row, "api_key_id")?,
-        provider: row.try_get("provider")?,
-        model: row.try_get("model")?,
-        response_model: row.try_get("response_model")?,
-        client: row.try_get("client")?,
-        client_session_id: row.try_get("client_session_id")?,
-        session_key: row.try_get("session_key")?,
-        thread_parent_id: opt_uuid(row, "thread_parent_id")?,
-        thread_root_id: opt_uuid(row, "thread_root_id")?,
-        credential_kind: row.try_get("credential_kind")?,
-        credential_hint: row.try_get("credential_hint")?,
-        status: row.try_get("status")?,
+        id: row.uuid("id")?,
+        user_id: row.uuid("user_id")?,
+        username: row.opt_text("username")?,
+        api_key_id: row.opt_uuid("api_key_id")?,
+        provider: row.text("provider")?,
+        model: row.text("model")?,
+        response_model: row.opt_text("response_model")?,
+        client: row.text("client")?,
+        client_session_id: row.opt_text("client_session_id")?,
+        session_key: row.text("session_key")?,
+        thread_parent_id: row.opt_uuid("thread_parent_id")?,
+        thread_root_id: row.opt_uuid("thread_root_id")?,
+        credential_kind: row.text("credential_kind")?,
+        credential_hint: row.opt_text("credential_hint")?,
+        status: row.text("status")?,
         upstream_status: row
-            .try_get::<Option<i64>, _>("upstream_status")?
+            .opt_int("upstream_status")?
             .and_then(|s| u16::try_from(s).ok()),
-        error: row.try_get("error")?,
-        streaming: row.try_get("streaming")?,
-        started_at: time_col(row, "started_at")?,
-        ended_at: time_col(row, "ended_at")?,
-        ttfb_ms: row
-            .try_get::<Option<i64>, _>("ttfb_ms")?
-            .and_then(|v| u64::try_from(v).ok()),
+        error: row.opt_text("error")?,
+        streaming: row.boolean("streaming")?,
+        started_at: row.time("started_at")?,
+        ended_at: row.time("ended_at")?,
+        ttfb_ms: row.opt_int("ttfb_ms")?.and_then(|v| u64::try_from(v).ok()),
         usage: usage_cols(row, "")?,
-        cost: NanoUsd(row.try_get("cost_nano_usd")?),
-        priced: row.try_get("priced")?,
+        cost: NanoUsd(row.int("cost_nano_usd")?),
+        priced: row.boolean("priced")?,
         prompts: Vec::new(),
         tool_usages: Vec::new(),
         thoughts: Vec::new(),
     })
 }
 
-fn user_from_row(row: &SqliteRow) -> Result<User, StoreError> {
+fn user_from_row<R: DbRow>(row: &R) -> Result<User, StoreError> {
     Ok(User {
-        id: uuid_col(row, "id")?,
-        username: row.try_get("username")?,
-        is_admin: row.try_get("is_admin")?,
-        created_at: time_col(row, "created_at")?,
+        id: row.uuid("id")?,
+        username: row.text("username")?,
+        is_admin: row.boolean("is_admin")?,
+        created_at: row.time("created_at")?,
     })
 }
 
-/// Pushes `(?, ?, ...)` binding each value.
-fn push_in_list<'a, T>(qb: &mut QueryBuilder<'a, Sqlite>, values: impl IntoIterator<Item = T>)
-where
-    T: 'a + sqlx::Encode<'a, Sqlite> + sqlx::Type<Sqlite> + Send,
-{
+/// Pushes `(?, ?, ...)` binding each id.
+fn push_id_list<D: Dialect>(qb: &mut QueryBuilder<'_, D>, ids: &[Uuid]) {
     qb.push("(");
-    let mut sep = qb.separated(", ");
-    for v in values {
-        sep.push_bind(v);
+    for (n, id) in ids.iter().enumerate() {
+        if n > 0 {
+            qb.push(", ");
+        }
+        D::push_id(qb, *id);
     }
-    sep.push_unseparated(")");
+    qb.push(")");
 }
 
-/// Pushes `(VALUES (?), (?), ...)` binding each key: a one-column table named `column1`.
-fn push_values_table(qb: &mut QueryBuilder<'_, Sqlite>, keys: &[String]) {
-    qb.push("(VALUES ");
-    let mut sep = qb.separated(", ");
-    for k in keys {
-        sep.push("(")
-            .push_bind_unseparated(k.clone())
-            .push_unseparated(")");
+/// Pushes `(?, ?, ...)` binding each text value.
+fn push_text_list<D: Dialect>(qb: &mut QueryBuilder<'_, D>, values: &[String]) {
+    qb.push("(");
+    for (n, v) in values.iter().enumerate() {
+        if n > 0 {
+            qb.push(", ");
+        }
+        D::push_text(qb, v.clone());
     }
-    sep.push_unseparated(")");
+    qb.push(")");
 }
 
 impl<'a> Queries<'a> {
     // ---- interceptions ----------------------------------------------------------------------
+    //
+    // Written once for both backends (see `dialect`): statements are assembled with a
+    // `QueryBuilder::<Db>` and ids/times pushed through `Db::push_id` / `Db::push_ms`.
 
     /// Newest first (ids are UUIDv7, so id order is start order), strictly older than `after`.
     pub async fn list_interceptions(
@@ -420,40 +418,51 @@ impl<'a> Queries<'a> {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<InterceptionPage, StoreError> {
-        let mut count =
-            QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM interceptions i WHERE 1=1");
-        filter.push(&mut count, "i");
-        let count: i64 = count.build_query_scalar().fetch_one(self.pool).await?;
+        let (count, mut rows) = per_backend!(self.store, |pool| {
+            let mut count =
+                QueryBuilder::<Db>::new("SELECT COUNT(*) FROM interceptions i WHERE 1=1");
+            filter.push(&mut count, "i");
+            let count: i64 = count.build_query_scalar().fetch_one(pool).await?;
 
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {INTERCEPTION_COLUMNS} FROM interceptions i LEFT JOIN users u ON u.id = i.user_id WHERE 1=1"
-        ));
-        // Walk the id index (newest first) rather than sort every row of a model or client.
-        filter.push_unindexed_attributes(&mut qb, "i");
-        if let Some(after) = after {
-            qb.push(" AND i.id < ").push_bind(after.to_string());
-        }
-        qb.push(" ORDER BY i.id DESC LIMIT ")
-            .push_bind(i64::from(limit));
-        let rows = qb.build().fetch_all(self.pool).await?;
-        let mut rows = rows
-            .iter()
-            .map(interception_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+            let mut qb = QueryBuilder::<Db>::new(format!(
+                "SELECT {INTERCEPTION_COLUMNS} FROM interceptions i LEFT JOIN users u ON u.id = i.user_id WHERE 1=1"
+            ));
+            // Walk the id index (newest first) rather than sort every row of a model or client.
+            filter.push_unindexed_attributes(&mut qb, "i");
+            if let Some(after) = after {
+                qb.push(" AND i.id < ");
+                Db::push_id(&mut qb, after);
+            }
+            qb.push(" ORDER BY i.id DESC LIMIT ");
+            Db::push_int(&mut qb, i64::from(limit));
+            let rows = qb
+                .build()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(interception_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            (count, rows)
+        });
         self.attach_children(&mut rows, false).await?;
         Ok(InterceptionPage { count, rows })
     }
 
     /// One interception with prompts, tool usages and thoughts.
-    pub async fn interception(&self, id: Uuid) -> Result<Option<InterceptionRow>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {INTERCEPTION_COLUMNS} FROM interceptions i LEFT JOIN users u ON u.id = i.user_id WHERE i.id = ?"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(self.pool)
-        .await?;
+    pub async fn interception(&self, iid: Uuid) -> Result<Option<InterceptionRow>, StoreError> {
+        let row = per_backend!(self.store, |pool| {
+            sqlx::query(&sql(&format!(
+                "SELECT {INTERCEPTION_COLUMNS} FROM interceptions i LEFT JOIN users u ON u.id = i.user_id WHERE i.id = ?"
+            )))
+            .bind(id(iid))
+            .fetch_optional(pool)
+            .await?
+            .as_ref()
+            .map(interception_from_row)
+            .transpose()?
+        });
         let Some(row) = row else { return Ok(None) };
-        let mut rows = vec![interception_from_row(&row)?];
+        let mut rows = vec![row];
         self.attach_children(&mut rows, true).await?;
         Ok(rows.pop())
     }
@@ -468,63 +477,58 @@ impl<'a> Queries<'a> {
         if rows.is_empty() {
             return Ok(());
         }
-        let index: HashMap<String, usize> = rows
-            .iter()
-            .enumerate()
-            .map(|(n, r)| (r.id.to_string(), n))
-            .collect();
-        let ids: Vec<String> = index.keys().cloned().collect();
+        let index: HashMap<Uuid, usize> = rows.iter().enumerate().map(|(n, r)| (r.id, n)).collect();
+        let ids: Vec<Uuid> = index.keys().copied().collect();
         for chunk in ids.chunks(IN_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT interception_id, prompt, created_at FROM user_prompts WHERE interception_id IN ",
-            );
-            push_in_list(&mut qb, chunk.iter().cloned());
-            qb.push(" ORDER BY id");
-            for r in qb.build().fetch_all(self.pool).await? {
-                let owner: String = r.try_get("interception_id")?;
-                if let Some(&n) = index.get(&owner) {
-                    rows[n].prompts.push(PromptRow {
-                        prompt: r.try_get("prompt")?,
-                        created_at: time_col(&r, "created_at")?,
-                    });
-                }
-            }
-
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT interception_id, tool_call_id, tool, input, injected, created_at FROM tool_usages WHERE interception_id IN ",
-            );
-            push_in_list(&mut qb, chunk.iter().cloned());
-            qb.push(" ORDER BY id");
-            for r in qb.build().fetch_all(self.pool).await? {
-                let owner: String = r.try_get("interception_id")?;
-                if let Some(&n) = index.get(&owner) {
-                    rows[n].tool_usages.push(ToolUsageRow {
-                        tool_call_id: r.try_get("tool_call_id")?,
-                        tool: r.try_get("tool")?,
-                        input: r.try_get("input")?,
-                        injected: r.try_get("injected")?,
-                        created_at: time_col(&r, "created_at")?,
-                    });
-                }
-            }
-
-            if thoughts {
-                let mut qb = QueryBuilder::<Sqlite>::new(
-                    "SELECT interception_id, content, source, created_at FROM model_thoughts WHERE interception_id IN ",
+            per_backend!(self.store, |pool| {
+                let mut qb = QueryBuilder::<Db>::new(
+                    "SELECT interception_id, prompt, created_at FROM user_prompts WHERE interception_id IN ",
                 );
-                push_in_list(&mut qb, chunk.iter().cloned());
+                push_id_list(&mut qb, chunk);
                 qb.push(" ORDER BY id");
-                for r in qb.build().fetch_all(self.pool).await? {
-                    let owner: String = r.try_get("interception_id")?;
-                    if let Some(&n) = index.get(&owner) {
-                        rows[n].thoughts.push(ThoughtRow {
-                            content: r.try_get("content")?,
-                            source: r.try_get("source")?,
-                            created_at: time_col(&r, "created_at")?,
+                for r in qb.build().fetch_all(pool).await? {
+                    if let Some(&n) = index.get(&r.uuid("interception_id")?) {
+                        rows[n].prompts.push(PromptRow {
+                            prompt: r.text("prompt")?,
+                            created_at: r.time("created_at")?,
                         });
                     }
                 }
-            }
+
+                let mut qb = QueryBuilder::<Db>::new(
+                    "SELECT interception_id, tool_call_id, tool, input, injected, created_at FROM tool_usages WHERE interception_id IN ",
+                );
+                push_id_list(&mut qb, chunk);
+                qb.push(" ORDER BY id");
+                for r in qb.build().fetch_all(pool).await? {
+                    if let Some(&n) = index.get(&r.uuid("interception_id")?) {
+                        rows[n].tool_usages.push(ToolUsageRow {
+                            tool_call_id: r.text("tool_call_id")?,
+                            tool: r.text("tool")?,
+                            input: r.text("input")?,
+                            injected: r.boolean("injected")?,
+                            created_at: r.time("created_at")?,
+                        });
+                    }
+                }
+
+                if thoughts {
+                    let mut qb = QueryBuilder::<Db>::new(
+                        "SELECT interception_id, content, source, created_at FROM model_thoughts WHERE interception_id IN ",
+                    );
+                    push_id_list(&mut qb, chunk);
+                    qb.push(" ORDER BY id");
+                    for r in qb.build().fetch_all(pool).await? {
+                        if let Some(&n) = index.get(&r.uuid("interception_id")?) {
+                            rows[n].thoughts.push(ThoughtRow {
+                                content: r.text("content")?,
+                                source: r.text("source")?,
+                                created_at: r.time("created_at")?,
+                            });
+                        }
+                    }
+                }
+            });
         }
         Ok(())
     }
@@ -538,12 +542,15 @@ impl<'a> Queries<'a> {
         filter: &InterceptionFilter,
         key: &str,
     ) -> Result<Option<SessionCursor>, StoreError> {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT MAX(i.ended_at) FROM interceptions i INDEXED BY interceptions_session_id WHERE i.session_key = ",
-        );
-        qb.push_bind(key.to_string());
-        filter.push(&mut qb, "i");
-        let last: Option<i64> = qb.build_query_scalar().fetch_one(self.pool).await?;
+        let last: Option<i64> = per_backend!(self.store, |pool| {
+            let mut qb = QueryBuilder::<Db>::new(format!(
+                "SELECT MAX(i.ended_at) AS last FROM interceptions i{} WHERE i.session_key = ",
+                Db::BY_SESSION_INDEX
+            ));
+            Db::push_text(&mut qb, key.to_string());
+            filter.push(&mut qb, "i");
+            qb.build().fetch_one(pool).await?.opt_ms("last")?
+        });
         Ok(last.map(|last_active_ms| SessionCursor {
             last_active_ms,
             key: key.to_string(),
@@ -569,14 +576,15 @@ impl<'a> Queries<'a> {
         // session key instead of building a temporary b-tree; unfiltered, that index is
         // (session_key, id), which the planner does not pick by itself.
         let unfiltered = *filter == InterceptionFilter::default();
-        let mut count = QueryBuilder::<Sqlite>::new(if unfiltered {
-            "SELECT COUNT(*) FROM (SELECT 1 FROM interceptions i INDEXED BY interceptions_session_id WHERE 1=1"
-        } else {
-            "SELECT COUNT(*) FROM (SELECT 1 FROM interceptions i WHERE 1=1"
+        let count: i64 = per_backend!(self.store, |pool| {
+            let mut count = QueryBuilder::<Db>::new(format!(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM interceptions i{} WHERE 1=1",
+                if unfiltered { Db::BY_SESSION_INDEX } else { "" }
+            ));
+            filter.push(&mut count, "i");
+            count.push(" GROUP BY i.session_key) AS s");
+            count.build_query_scalar().fetch_one(pool).await?
         });
-        filter.push(&mut count, "i");
-        count.push(" GROUP BY i.session_key)");
-        let count: i64 = count.build_query_scalar().fetch_one(self.pool).await?;
 
         let limit = limit as usize;
         let batch: i64 = (limit as i64 * 4).clamp(256, 4096);
@@ -584,27 +592,32 @@ impl<'a> Queries<'a> {
         let mut seen: HashSet<String> = HashSet::new();
         let mut page: Vec<SessionSummary> = Vec::with_capacity(limit);
         while page.len() < limit {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT i.ended_at, i.session_key FROM interceptions i WHERE 1=1",
-            );
-            filter.push_unindexed_attributes(&mut qb, "i");
-            if let Some((at, key)) = &position {
-                qb.push(" AND i.ended_at <= ")
-                    .push_bind(*at)
-                    .push(" AND (i.ended_at < ")
-                    .push_bind(*at)
-                    .push(" OR i.session_key < ")
-                    .push_bind(key.clone())
-                    .push(")");
-            }
-            qb.push(" ORDER BY i.ended_at DESC, i.session_key DESC LIMIT ")
-                .push_bind(batch);
-            let rows = qb.build().fetch_all(self.pool).await?;
-            let exhausted = (rows.len() as i64) < batch;
+            let walked: Vec<(i64, String)> = per_backend!(self.store, |pool| {
+                let mut qb = QueryBuilder::<Db>::new(
+                    "SELECT i.ended_at, i.session_key FROM interceptions i WHERE 1=1",
+                );
+                filter.push_unindexed_attributes(&mut qb, "i");
+                if let Some((at, key)) = &position {
+                    qb.push(" AND i.ended_at <= ");
+                    Db::push_ms(&mut qb, *at);
+                    qb.push(" AND (i.ended_at < ");
+                    Db::push_ms(&mut qb, *at);
+                    qb.push(" OR i.session_key < ");
+                    Db::push_text(&mut qb, key.clone());
+                    qb.push(")");
+                }
+                qb.push(" ORDER BY i.ended_at DESC, i.session_key DESC LIMIT ");
+                Db::push_int(&mut qb, batch);
+                qb.build()
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.ms("ended_at")?, r.text("session_key")?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?
+            });
+            let exhausted = (walked.len() as i64) < batch;
             let mut candidates: Vec<(i64, String)> = Vec::new();
-            for r in &rows {
-                let at: i64 = r.try_get(0)?;
-                let key: String = r.try_get(1)?;
+            for (at, key) in walked {
                 if seen.insert(key.clone()) {
                     candidates.push((at, key.clone()));
                 }
@@ -648,71 +661,78 @@ impl<'a> Queries<'a> {
         // user's interceptions per session (measured: 230 ms instead of a few).
         let mut out = HashMap::with_capacity(keys.len());
         for chunk in keys.chunks(IN_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new(format!(
-                "SELECT i.session_key, MIN(i.started_at) AS started_at, MAX(i.ended_at) AS ended_at, \
-                 COUNT(DISTINCT COALESCE(i.thread_root_id, i.id)) AS threads, \
-                 json_group_array(DISTINCT i.provider) AS providers, \
-                 json_group_array(DISTINCT i.model) AS models, {USAGE_SUMS} \
-                 FROM interceptions i INDEXED BY interceptions_session_id WHERE i.session_key IN "
-            ));
-            push_in_list(&mut qb, chunk.iter().cloned());
-            filter.push(&mut qb, "i");
-            qb.push(" GROUP BY i.session_key");
-            for r in qb.build().fetch_all(self.pool).await? {
-                let key: String = r.try_get("session_key")?;
-                let list = |column: &str| -> Result<Vec<String>, StoreError> {
-                    let text: String = r.try_get(column)?;
-                    let mut v: Vec<String> = serde_json::from_str(&text).map_err(|e| {
-                        StoreError::Invalid(format!("bad {column} aggregate in database: {e}"))
-                    })?;
-                    v.sort();
-                    Ok(v)
-                };
-                out.insert(
-                    key.clone(),
-                    SessionSummary {
-                        key,
-                        user_id: Uuid::nil(),
-                        username: None,
-                        client: String::new(),
-                        providers: list("providers")?,
-                        models: list("models")?,
-                        started_at: time_col(&r, "started_at")?,
-                        ended_at: time_col(&r, "ended_at")?,
-                        threads: r.try_get("threads")?,
-                        interception_count: r.try_get("interception_count")?,
-                        usage: usage_cols(&r, "")?,
-                        cost: NanoUsd(r.try_get("cost_nano_usd")?),
-                        last_prompt: None,
-                    },
-                );
-            }
-
-            // The initiator, client and last prompt come from the latest interception (the
-            // latest one with a prompt, for the prompt): one index probe per session on
-            // (session_key, id).
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT k.column1 AS session_key, i.user_id, u.username, i.client, \
-                 (SELECT p.prompt FROM interceptions x INDEXED BY interceptions_session_id JOIN user_prompts p ON p.interception_id = x.id \
-                  WHERE x.session_key = k.column1",
-            );
-            filter.push(&mut qb, "x");
-            qb.push(" ORDER BY x.id DESC, p.id DESC LIMIT 1) AS last_prompt FROM ");
-            push_values_table(&mut qb, chunk);
-            qb.push(
-                " AS k JOIN interceptions i ON i.id = (SELECT x.id FROM interceptions x INDEXED BY interceptions_session_id WHERE x.session_key = k.column1",
-            );
-            filter.push(&mut qb, "x");
-            qb.push(" ORDER BY x.id DESC LIMIT 1) LEFT JOIN users u ON u.id = i.user_id");
-            for r in qb.build().fetch_all(self.pool).await? {
-                let key: String = r.try_get("session_key")?;
-                if let Some(s) = out.get_mut(&key) {
-                    s.user_id = uuid_col(&r, "user_id")?;
-                    s.username = r.try_get("username")?;
-                    s.client = r.try_get("client")?;
-                    s.last_prompt = r.try_get("last_prompt")?;
+            per_backend!(self.store, |pool| {
+                let mut qb = QueryBuilder::<Db>::new(format!(
+                    "SELECT i.session_key, MIN(i.started_at) AS started_at, MAX(i.ended_at) AS ended_at, \
+                     COUNT(DISTINCT COALESCE(i.thread_root_id, i.id)) AS threads, \
+                     {} AS providers, {} AS models, {USAGE_SUMS} \
+                     FROM interceptions i{} WHERE i.session_key IN ",
+                    Db::distinct_list("i.provider"),
+                    Db::distinct_list("i.model"),
+                    Db::BY_SESSION_INDEX
+                ));
+                push_text_list(&mut qb, chunk);
+                filter.push(&mut qb, "i");
+                qb.push(" GROUP BY i.session_key");
+                for r in qb.build().fetch_all(pool).await? {
+                    let key = r.text("session_key")?;
+                    let mut providers = r.list("providers")?;
+                    providers.sort();
+                    let mut models = r.list("models")?;
+                    models.sort();
+                    out.insert(
+                        key.clone(),
+                        SessionSummary {
+                            key,
+                            user_id: Uuid::nil(),
+                            username: None,
+                            client: String::new(),
+                            providers,
+                            models,
+                            started_at: r.time("started_at")?,
+                            ended_at: r.time("ended_at")?,
+                            threads: r.int("threads")?,
+                            interception_count: r.int("interception_count")?,
+                            usage: usage_cols(&r, "")?,
+                            cost: NanoUsd(r.int("cost_nano_usd")?),
+                            last_prompt: None,
+                        },
+                    );
                 }
-            }
+
+                // The initiator, client and last prompt come from the latest interception (the
+                // latest one with a prompt, for the prompt): one index probe per session on
+                // (session_key, id). Both backends name a VALUES list's column `column1`.
+                let mut qb = QueryBuilder::<Db>::new(format!(
+                    "SELECT k.column1 AS session_key, i.user_id, u.username, i.client, \
+                     (SELECT p.prompt FROM interceptions x{} JOIN user_prompts p ON p.interception_id = x.id \
+                      WHERE x.session_key = k.column1",
+                    Db::BY_SESSION_INDEX
+                ));
+                filter.push(&mut qb, "x");
+                qb.push(" ORDER BY x.id DESC, p.id DESC LIMIT 1) AS last_prompt FROM (VALUES ");
+                let mut sep = qb.separated(", ");
+                for k in chunk {
+                    sep.push("(");
+                    sep.push_bind_unseparated(k.clone());
+                    sep.push_unseparated(")");
+                }
+                qb.push(format!(
+                    ") AS k JOIN interceptions i ON i.id = (SELECT x.id FROM interceptions x{} WHERE x.session_key = k.column1",
+                    Db::BY_SESSION_INDEX
+                ));
+                filter.push(&mut qb, "x");
+                qb.push(" ORDER BY x.id DESC LIMIT 1) LEFT JOIN users u ON u.id = i.user_id");
+                for r in qb.build().fetch_all(pool).await? {
+                    let key = r.text("session_key")?;
+                    if let Some(s) = out.get_mut(&key) {
+                        s.user_id = r.uuid("user_id")?;
+                        s.username = r.opt_text("username")?;
+                        s.client = r.text("client")?;
+                        s.last_prompt = r.opt_text("last_prompt")?;
+                    }
+                }
+            });
         }
         Ok(out)
     }
@@ -722,17 +742,18 @@ impl<'a> Queries<'a> {
         &self,
         key: &str,
     ) -> Result<Vec<InterceptionRow>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {INTERCEPTION_COLUMNS} FROM interceptions i LEFT JOIN users u ON u.id = i.user_id \
-             WHERE i.session_key = ? ORDER BY i.id"
-        ))
-        .bind(key)
-        .fetch_all(self.pool)
-        .await?;
-        let mut rows = rows
+        let mut rows = per_backend!(self.store, |pool| {
+            sqlx::query(&sql(&format!(
+                "SELECT {INTERCEPTION_COLUMNS} FROM interceptions i LEFT JOIN users u ON u.id = i.user_id \
+                 WHERE i.session_key = ? ORDER BY i.id"
+            )))
+            .bind(key)
+            .fetch_all(pool)
+            .await?
             .iter()
             .map(interception_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+        });
         self.attach_children(&mut rows, true).await?;
         Ok(rows)
     }
@@ -746,85 +767,99 @@ impl<'a> Queries<'a> {
         group_by: UsageGroupBy,
         filter: &UsageFilter,
     ) -> Result<Vec<UsageRow>, StoreError> {
-        let (key, label, from) = match group_by {
-            UsageGroupBy::User => (
-                "i.user_id",
-                "MAX(u.username)",
-                "interceptions i LEFT JOIN users u ON u.id = i.user_id",
-            ),
-            UsageGroupBy::Group => (
-                "g.id",
-                "MAX(g.name)",
-                "interceptions i JOIN group_members gm ON gm.user_id = i.user_id JOIN groups g ON g.id = gm.group_id",
-            ),
-            UsageGroupBy::Model => ("i.model", "NULL", "interceptions i"),
-            UsageGroupBy::Provider => ("i.provider", "NULL", "interceptions i"),
-            UsageGroupBy::Client => ("i.client", "NULL", "interceptions i"),
-            UsageGroupBy::Day => (
-                "strftime('%Y-%m-%d', i.started_at / 1000, 'unixepoch')",
-                "NULL",
-                "interceptions i",
-            ),
-        };
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {key} AS k, {label} AS label, {USAGE_SUMS} FROM {from} WHERE 1=1"
-        ));
-        if let Some(t) = filter.from {
-            qb.push(" AND i.started_at >= ").push_bind(millis(t));
-        }
-        if let Some(t) = filter.to {
-            qb.push(" AND i.started_at < ").push_bind(millis(t));
-        }
-        if let Some(u) = filter.user_id {
-            qb.push(" AND i.user_id = ").push_bind(u.to_string());
-        }
-        if let Some(m) = &filter.model {
-            qb.push(" AND i.model = ").push_bind(m.clone());
-        }
-        qb.push(" GROUP BY k ORDER BY k");
-        let mut out = Vec::new();
-        for r in qb.build().fetch_all(self.pool).await? {
-            out.push(UsageRow {
-                key: r.try_get::<Option<String>, _>("k")?.unwrap_or_default(),
-                label: r.try_get("label")?,
-                usage: usage_cols(&r, "")?,
-                cost: NanoUsd(r.try_get::<Option<i64>, _>("cost_nano_usd")?.unwrap_or(0)),
-                interception_count: r.try_get("interception_count")?,
-            });
-        }
-        Ok(out)
+        per_backend!(self.store, |pool| {
+            let (key, label, from) = match group_by {
+                UsageGroupBy::User => (
+                    Db::as_text("i.user_id"),
+                    "MAX(u.username)",
+                    "interceptions i LEFT JOIN users u ON u.id = i.user_id",
+                ),
+                UsageGroupBy::Group => (
+                    Db::as_text("g.id"),
+                    "MAX(g.name)",
+                    "interceptions i JOIN group_members gm ON gm.user_id = i.user_id JOIN groups g ON g.id = gm.group_id",
+                ),
+                UsageGroupBy::Model => ("i.model".to_string(), "NULL", "interceptions i"),
+                UsageGroupBy::Provider => ("i.provider".to_string(), "NULL", "interceptions i"),
+                UsageGroupBy::Client => ("i.client".to_string(), "NULL", "interceptions i"),
+                UsageGroupBy::Day => (Db::utc_day("i.started_at"), "NULL", "interceptions i"),
+            };
+            let mut qb = QueryBuilder::<Db>::new(format!(
+                "SELECT {key} AS k, {label} AS label, {USAGE_SUMS} FROM {from} WHERE 1=1"
+            ));
+            if let Some(t) = filter.from {
+                qb.push(" AND i.started_at >= ");
+                Db::push_ms(&mut qb, millis(t));
+            }
+            if let Some(t) = filter.to {
+                qb.push(" AND i.started_at < ");
+                Db::push_ms(&mut qb, millis(t));
+            }
+            if let Some(u) = filter.user_id {
+                qb.push(" AND i.user_id = ");
+                Db::push_id(&mut qb, u);
+            }
+            if let Some(m) = &filter.model {
+                qb.push(" AND i.model = ");
+                Db::push_text(&mut qb, m.clone());
+            }
+            qb.push(" GROUP BY k ORDER BY k");
+            let mut out = Vec::new();
+            for r in qb.build().fetch_all(pool).await? {
+                out.push(UsageRow {
+                    key: r.opt_text("k")?.unwrap_or_default(),
+                    label: r.opt_text("label")?,
+                    usage: usage_cols(&r, "")?,
+                    cost: NanoUsd(r.int("cost_nano_usd")?),
+                    interception_count: r.int("interception_count")?,
+                });
+            }
+            Ok(out)
+        })
     }
 
     // ---- users ------------------------------------------------------------------------------
+    //
+    // From here on every method is written once for both backends (see `dialect`): ids go
+    // through `id()`, times through `ms()`, statements through `sql()`.
 
     /// A user by id, or by username when `reference` is not a UUID.
     pub async fn find_user_ref(&self, reference: &str) -> Result<Option<User>, StoreError> {
-        let row = match Uuid::parse_str(reference) {
-            Ok(id) => {
-                sqlx::query("SELECT id, username, is_admin, created_at FROM users WHERE id = ?")
-                    .bind(id.to_string())
-                    .fetch_optional(self.pool)
-                    .await?
-            }
-            Err(_) => {
-                sqlx::query(
-                    "SELECT id, username, is_admin, created_at FROM users WHERE username = ?",
-                )
-                .bind(reference)
-                .fetch_optional(self.pool)
-                .await?
-            }
-        };
-        row.as_ref().map(user_from_row).transpose()
+        per_backend!(self.store, |pool| {
+            let row =
+                match Uuid::parse_str(reference) {
+                    Ok(uid) => {
+                        sqlx::query(&sql(
+                            "SELECT id, username, is_admin, created_at FROM users WHERE id = ?",
+                        ))
+                        .bind(id(uid))
+                        .fetch_optional(pool)
+                        .await?
+                    }
+                    Err(_) => sqlx::query(&sql(
+                        "SELECT id, username, is_admin, created_at FROM users WHERE username = ?",
+                    ))
+                    .bind(reference)
+                    .fetch_optional(pool)
+                    .await?,
+                };
+            row.as_ref().map(user_from_row).transpose()
+        })
     }
 
-    pub async fn user(&self, id: Uuid) -> Result<Option<UserDetail>, StoreError> {
-        let row = sqlx::query("SELECT id, username, is_admin, created_at FROM users WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let user = user_from_row(&row)?;
+    pub async fn user(&self, uid: Uuid) -> Result<Option<UserDetail>, StoreError> {
+        let user = per_backend!(self.store, |pool| {
+            sqlx::query(&sql(
+                "SELECT id, username, is_admin, created_at FROM users WHERE id = ?",
+            ))
+            .bind(id(uid))
+            .fetch_optional(pool)
+            .await?
+            .as_ref()
+            .map(user_from_row)
+            .transpose()?
+        });
+        let Some(user) = user else { return Ok(None) };
         let mut groups = self.groups_of(&[user.id]).await?;
         Ok(Some(UserDetail {
             groups: groups.remove(&user.id).unwrap_or_default(),
@@ -836,30 +871,38 @@ impl<'a> Queries<'a> {
     async fn groups_of(&self, users: &[Uuid]) -> Result<HashMap<Uuid, Vec<GroupRef>>, StoreError> {
         let mut out: HashMap<Uuid, Vec<GroupRef>> = HashMap::new();
         for chunk in users.chunks(IN_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT gm.user_id, g.id, g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.user_id IN ",
-            );
-            push_in_list(&mut qb, chunk.iter().map(Uuid::to_string));
-            qb.push(" ORDER BY g.name");
-            for r in qb.build().fetch_all(self.pool).await? {
-                out.entry(uuid_col(&r, "user_id")?)
-                    .or_default()
-                    .push(GroupRef {
-                        id: uuid_col(&r, "id")?,
-                        name: r.try_get("name")?,
+            per_backend!(self.store, |pool| {
+                let mut qb = QueryBuilder::<Db>::new(
+                    "SELECT gm.user_id, g.id, g.name FROM group_members gm JOIN groups g ON g.id = gm.group_id WHERE gm.user_id IN (",
+                );
+                let mut sep = qb.separated(", ");
+                for u in chunk {
+                    sep.push_bind(id(*u));
+                }
+                qb.push(") ORDER BY g.name");
+                for r in qb.build().fetch_all(pool).await? {
+                    out.entry(r.uuid("user_id")?).or_default().push(GroupRef {
+                        id: r.uuid("id")?,
+                        name: r.text("name")?,
                     });
-            }
+                }
+            });
         }
         Ok(out)
     }
 
     /// Where a user list page starts: the (created_at, id) of user `id`, if it exists.
-    pub async fn user_cursor(&self, id: Uuid) -> Result<Option<(i64, Uuid)>, StoreError> {
-        let at: Option<i64> = sqlx::query_scalar("SELECT created_at FROM users WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(self.pool)
-            .await?;
-        Ok(at.map(|at| (at, id)))
+    pub async fn user_cursor(&self, uid: Uuid) -> Result<Option<(i64, Uuid)>, StoreError> {
+        per_backend!(self.store, |pool| {
+            let row = sqlx::query(&sql("SELECT created_at FROM users WHERE id = ?"))
+                .bind(id(uid))
+                .fetch_optional(pool)
+                .await?;
+            Ok(match row {
+                Some(r) => Some((r.ms("created_at")?, uid)),
+                None => None,
+            })
+        })
     }
 
     /// Users newest first (created_at, then id), strictly after `after`, and the total count.
@@ -868,30 +911,33 @@ impl<'a> Queries<'a> {
         after: Option<(i64, Uuid)>,
         limit: u32,
     ) -> Result<(i64, Vec<UserDetail>), StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(self.pool)
-            .await?;
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT id, username, is_admin, created_at FROM users WHERE 1=1",
-        );
-        if let Some((at, id)) = after {
-            qb.push(" AND (created_at < ")
-                .push_bind(at)
-                .push(" OR (created_at = ")
-                .push_bind(at)
-                .push(" AND id < ")
-                .push_bind(id.to_string())
-                .push("))");
-        }
-        qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(limit));
-        let users = qb
-            .build()
-            .fetch_all(self.pool)
-            .await?
-            .iter()
-            .map(user_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        let (count, users) = per_backend!(self.store, |pool| {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+                .fetch_one(pool)
+                .await?;
+            let mut qb = QueryBuilder::<Db>::new(
+                "SELECT id, username, is_admin, created_at FROM users WHERE 1=1",
+            );
+            if let Some((at, uid)) = after {
+                qb.push(" AND (created_at < ")
+                    .push_bind(ms(at))
+                    .push(" OR (created_at = ")
+                    .push_bind(ms(at))
+                    .push(" AND id < ")
+                    .push_bind(id(uid))
+                    .push("))");
+            }
+            qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+                .push_bind(i64::from(limit));
+            let users = qb
+                .build()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(user_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            (count, users)
+        });
         let ids: Vec<Uuid> = users.iter().map(|u| u.id).collect();
         let mut groups = self.groups_of(&ids).await?;
         let users = users
@@ -907,92 +953,112 @@ impl<'a> Queries<'a> {
     /// Sets a user's admin flag; `None` when there is no such user.
     pub async fn set_user_admin(
         &self,
-        id: Uuid,
+        uid: Uuid,
         is_admin: bool,
     ) -> Result<Option<UserDetail>, StoreError> {
-        let res = sqlx::query("UPDATE users SET is_admin = ?, updated_at = ? WHERE id = ?")
+        let affected = per_backend!(self.store, |pool| {
+            sqlx::query(&sql(
+                "UPDATE users SET is_admin = ?, updated_at = ? WHERE id = ?",
+            ))
             .bind(is_admin)
-            .bind(millis(Utc::now()))
-            .bind(id.to_string())
-            .execute(self.pool)
-            .await?;
-        if res.rows_affected() == 0 {
+            .bind(ms(millis(Utc::now())))
+            .bind(id(uid))
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if affected == 0 {
             return Ok(None);
         }
-        self.user(id).await
+        self.user(uid).await
     }
 
     /// Deletes a user with their keys, memberships, stored provider keys and spend limit.
     /// Their interceptions stay (history is not rewritten). False when there is no such user.
-    pub async fn delete_user(&self, id: Uuid) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM spend_limits WHERE scope = 'user' AND scope_id = ?")
-            .bind(id.to_string())
+    pub async fn delete_user(&self, uid: Uuid) -> Result<bool, StoreError> {
+        per_backend!(self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            // spend_limits.scope_id is text on both backends ('' for the default scope).
+            sqlx::query(&sql(
+                "DELETE FROM spend_limits WHERE scope = 'user' AND scope_id = ?",
+            ))
+            .bind(uid.to_string())
             .execute(&mut *tx)
             .await?;
-        let res = sqlx::query("DELETE FROM users WHERE id = ?")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(res.rows_affected() > 0)
+            let res = sqlx::query(&sql("DELETE FROM users WHERE id = ?"))
+                .bind(id(uid))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(res.rows_affected() > 0)
+        })
     }
 
     // ---- groups -----------------------------------------------------------------------------
 
     pub async fn create_group(&self, name: &str) -> Result<GroupDetail, StoreError> {
         validate_name("group", name)?;
-        let id = Uuid::new_v4();
+        let gid = Uuid::new_v4();
         let now = millis(Utc::now());
-        let res = sqlx::query(
-            "INSERT INTO groups (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(name)
-        .bind(now)
-        .execute(self.pool)
-        .await?;
-        if res.rows_affected() == 0 {
+        let affected = per_backend!(self.store, |pool| {
+            sqlx::query(&sql(
+                "INSERT INTO groups (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+            ))
+            .bind(id(gid))
+            .bind(name)
+            .bind(ms(now))
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if affected == 0 {
             return Err(StoreError::Conflict(format!("group {name:?}")));
         }
         Ok(GroupDetail {
-            id,
+            id: gid,
             name: name.to_string(),
             created_at: from_millis(now),
             members: Vec::new(),
         })
     }
 
-    pub async fn group(&self, id: Uuid) -> Result<Option<GroupDetail>, StoreError> {
-        let row = sqlx::query("SELECT id, name, created_at FROM groups WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let members = sqlx::query(
-            "SELECT u.id, u.username FROM group_members gm JOIN users u ON u.id = gm.user_id \
-             WHERE gm.group_id = ? ORDER BY u.username",
-        )
-        .bind(id.to_string())
-        .fetch_all(self.pool)
-        .await?
-        .iter()
-        .map(|r| Ok((uuid_col(r, "id")?, r.try_get("username")?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Some(GroupDetail {
-            id: uuid_col(&row, "id")?,
-            name: row.try_get("name")?,
-            created_at: time_col(&row, "created_at")?,
-            members,
-        }))
+    pub async fn group(&self, gid: Uuid) -> Result<Option<GroupDetail>, StoreError> {
+        per_backend!(self.store, |pool| {
+            let row = sqlx::query(&sql("SELECT id, name, created_at FROM groups WHERE id = ?"))
+                .bind(id(gid))
+                .fetch_optional(pool)
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let members = sqlx::query(&sql(
+                "SELECT u.id, u.username FROM group_members gm JOIN users u ON u.id = gm.user_id \
+                 WHERE gm.group_id = ? ORDER BY u.username",
+            ))
+            .bind(id(gid))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.uuid("id")?, r.text("username")?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Some(GroupDetail {
+                id: row.uuid("id")?,
+                name: row.text("name")?,
+                created_at: row.time("created_at")?,
+                members,
+            }))
+        })
     }
 
-    pub async fn group_cursor(&self, id: Uuid) -> Result<Option<(i64, Uuid)>, StoreError> {
-        let at: Option<i64> = sqlx::query_scalar("SELECT created_at FROM groups WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(self.pool)
-            .await?;
-        Ok(at.map(|at| (at, id)))
+    pub async fn group_cursor(&self, gid: Uuid) -> Result<Option<(i64, Uuid)>, StoreError> {
+        per_backend!(self.store, |pool| {
+            let row = sqlx::query(&sql("SELECT created_at FROM groups WHERE id = ?"))
+                .bind(id(gid))
+                .fetch_optional(pool)
+                .await?;
+            Ok(match row {
+                Some(r) => Some((r.ms("created_at")?, gid)),
+                None => None,
+            })
+        })
     }
 
     /// Groups newest first with their member counts, and the total count. (Members themselves
@@ -1002,164 +1068,185 @@ impl<'a> Queries<'a> {
         after: Option<(i64, Uuid)>,
         limit: u32,
     ) -> Result<(i64, Vec<(GroupDetail, i64)>), StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM groups")
-            .fetch_one(self.pool)
-            .await?;
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT g.id, g.name, g.created_at, (SELECT COUNT(*) FROM group_members gm WHERE gm.group_id = g.id) AS members \
-             FROM groups g WHERE 1=1",
-        );
-        if let Some((at, id)) = after {
-            qb.push(" AND (g.created_at < ")
-                .push_bind(at)
-                .push(" OR (g.created_at = ")
-                .push_bind(at)
-                .push(" AND g.id < ")
-                .push_bind(id.to_string())
-                .push("))");
-        }
-        qb.push(" ORDER BY g.created_at DESC, g.id DESC LIMIT ")
-            .push_bind(i64::from(limit));
-        let groups = qb
-            .build()
-            .fetch_all(self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok((
-                    GroupDetail {
-                        id: uuid_col(r, "id")?,
-                        name: r.try_get("name")?,
-                        created_at: time_col(r, "created_at")?,
-                        members: Vec::new(),
-                    },
-                    r.try_get("members")?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok((count, groups))
+        per_backend!(self.store, |pool| {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM groups")
+                .fetch_one(pool)
+                .await?;
+            let mut qb = QueryBuilder::<Db>::new(
+                "SELECT g.id, g.name, g.created_at, (SELECT COUNT(*) FROM group_members gm WHERE gm.group_id = g.id) AS members \
+                 FROM groups g WHERE 1=1",
+            );
+            if let Some((at, gid)) = after {
+                qb.push(" AND (g.created_at < ")
+                    .push_bind(ms(at))
+                    .push(" OR (g.created_at = ")
+                    .push_bind(ms(at))
+                    .push(" AND g.id < ")
+                    .push_bind(id(gid))
+                    .push("))");
+            }
+            qb.push(" ORDER BY g.created_at DESC, g.id DESC LIMIT ")
+                .push_bind(i64::from(limit));
+            let groups = qb
+                .build()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        GroupDetail {
+                            id: r.uuid("id")?,
+                            name: r.text("name")?,
+                            created_at: r.time("created_at")?,
+                            members: Vec::new(),
+                        },
+                        r.int("members")?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok((count, groups))
+        })
     }
 
     /// Deletes a group (memberships cascade) and its spend limit. False when there is none.
-    pub async fn delete_group(&self, id: Uuid) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM spend_limits WHERE scope = 'group' AND scope_id = ?")
-            .bind(id.to_string())
+    pub async fn delete_group(&self, gid: Uuid) -> Result<bool, StoreError> {
+        per_backend!(self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(&sql(
+                "DELETE FROM spend_limits WHERE scope = 'group' AND scope_id = ?",
+            ))
+            .bind(gid.to_string())
             .execute(&mut *tx)
             .await?;
-        let res = sqlx::query("DELETE FROM groups WHERE id = ?")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(res.rows_affected() > 0)
+            let res = sqlx::query(&sql("DELETE FROM groups WHERE id = ?"))
+                .bind(id(gid))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(res.rows_affected() > 0)
+        })
     }
 
     /// Adds a member (idempotent). `NotFound` names the missing group or user.
     pub async fn add_group_member(&self, group: Uuid, user: Uuid) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let group_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM groups WHERE id = ?")
-            .bind(group.to_string())
-            .fetch_optional(&mut *tx)
+        per_backend!(self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            let group_exists = sqlx::query(&sql("SELECT 1 FROM groups WHERE id = ?"))
+                .bind(id(group))
+                .fetch_optional(&mut *tx)
+                .await?;
+            if group_exists.is_none() {
+                return Err(StoreError::NotFound(format!("group {group}")));
+            }
+            let user_exists = sqlx::query(&sql("SELECT 1 FROM users WHERE id = ?"))
+                .bind(id(user))
+                .fetch_optional(&mut *tx)
+                .await?;
+            if user_exists.is_none() {
+                return Err(StoreError::NotFound(format!("user {user}")));
+            }
+            sqlx::query(&sql(
+                "INSERT INTO group_members (group_id, user_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            ))
+            .bind(id(group))
+            .bind(id(user))
+            .execute(&mut *tx)
             .await?;
-        if group_exists.is_none() {
-            return Err(StoreError::NotFound(format!("group {group}")));
-        }
-        let user_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
-            .bind(user.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        if user_exists.is_none() {
-            return Err(StoreError::NotFound(format!("user {user}")));
-        }
-        sqlx::query(
-            "INSERT INTO group_members (group_id, user_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(group.to_string())
-        .bind(user.to_string())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// False when the user was not a member of the group.
     pub async fn remove_group_member(&self, group: Uuid, user: Uuid) -> Result<bool, StoreError> {
-        let res = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
-            .bind(group.to_string())
-            .bind(user.to_string())
-            .execute(self.pool)
+        per_backend!(self.store, |pool| {
+            let res = sqlx::query(&sql(
+                "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
+            ))
+            .bind(id(group))
+            .bind(id(user))
+            .execute(pool)
             .await?;
-        Ok(res.rows_affected() > 0)
+            Ok(res.rows_affected() > 0)
+        })
     }
 
     // ---- API keys ---------------------------------------------------------------------------
 
     /// A user's keys, newest first: ids, names and hints only (the store has no secrets).
     pub async fn api_keys(&self, user: Uuid) -> Result<Vec<super::ApiKeyInfo>, StoreError> {
-        sqlx::query(
-            "SELECT id, user_id, name, hint, created_at, revoked_at FROM api_keys WHERE user_id = ? \
-             ORDER BY created_at DESC, id DESC",
-        )
-        .bind(user.to_string())
-        .fetch_all(self.pool)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(super::ApiKeyInfo {
-                id: uuid_col(r, "id")?,
-                user_id: uuid_col(r, "user_id")?,
-                name: r.try_get("name")?,
-                hint: r.try_get("hint")?,
-                created_at: time_col(r, "created_at")?,
-                revoked_at: r.try_get::<Option<i64>, _>("revoked_at")?.map(from_millis),
+        per_backend!(self.store, |pool| {
+            sqlx::query(&sql(
+                "SELECT id, user_id, name, hint, created_at, revoked_at FROM api_keys WHERE user_id = ? \
+                 ORDER BY created_at DESC, id DESC",
+            ))
+            .bind(id(user))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(super::ApiKeyInfo {
+                    id: r.uuid("id")?,
+                    user_id: r.uuid("user_id")?,
+                    name: r.text("name")?,
+                    hint: r.text("hint")?,
+                    created_at: r.time("created_at")?,
+                    revoked_at: r.opt_time("revoked_at")?,
+                })
             })
+            .collect()
         })
-        .collect()
     }
 
     /// Revokes key `key` of user `user`. `None` when the user has no such key; `Some(false)`
     /// when it was already revoked.
     pub async fn revoke_user_key(&self, user: Uuid, key: Uuid) -> Result<Option<bool>, StoreError> {
-        let revoked: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = ? AND user_id = ?")
-                .bind(key.to_string())
-                .bind(user.to_string())
-                .fetch_optional(self.pool)
-                .await?;
-        match revoked {
-            None => Ok(None),
-            Some(Some(_)) => Ok(Some(false)),
-            Some(None) => {
-                let now = millis(Utc::now());
-                let res = sqlx::query(
-                    "UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
-                )
-                .bind(now)
-                .bind(now)
-                .bind(key.to_string())
-                .execute(self.pool)
-                .await?;
-                Ok(Some(res.rows_affected() > 0))
+        per_backend!(self.store, |pool| {
+            let row = sqlx::query(&sql(
+                "SELECT revoked_at FROM api_keys WHERE id = ? AND user_id = ?",
+            ))
+            .bind(id(key))
+            .bind(id(user))
+            .fetch_optional(pool)
+            .await?;
+            let revoked = match row {
+                None => return Ok(None),
+                Some(r) => r.opt_ms("revoked_at")?,
+            };
+            if revoked.is_some() {
+                return Ok(Some(false));
             }
-        }
+            let now = millis(Utc::now());
+            let res = sqlx::query(&sql(
+                "UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
+            ))
+            .bind(ms(now))
+            .bind(ms(now))
+            .bind(id(key))
+            .execute(pool)
+            .await?;
+            Ok(Some(res.rows_affected() > 0))
+        })
     }
 
     // ---- spend limits -----------------------------------------------------------------------
 
     pub async fn spend_limits(&self) -> Result<Vec<SpendLimitEntry>, StoreError> {
-        sqlx::query(
-            "SELECT s.scope, s.scope_id, s.limit_nano_usd, s.updated_at, COALESCE(u.username, g.name) AS scope_name \
-             FROM spend_limits s \
-             LEFT JOIN users u ON s.scope = 'user' AND u.id = s.scope_id \
-             LEFT JOIN groups g ON s.scope = 'group' AND g.id = s.scope_id \
-             ORDER BY CASE s.scope WHEN 'default' THEN 0 WHEN 'group' THEN 1 ELSE 2 END, scope_name, s.scope_id",
-        )
-        .fetch_all(self.pool)
-        .await?
-        .iter()
-        .map(spend_limit_from_row)
-        .collect()
+        per_backend!(self.store, |pool| {
+            // scope_id is text on both backends; the cast lets PostgreSQL join it to a uuid.
+            sqlx::query(
+                "SELECT s.scope, s.scope_id, s.limit_nano_usd, s.updated_at, COALESCE(u.username, g.name) AS scope_name \
+                 FROM spend_limits s \
+                 LEFT JOIN users u ON s.scope = 'user' AND CAST(u.id AS TEXT) = s.scope_id \
+                 LEFT JOIN groups g ON s.scope = 'group' AND CAST(g.id AS TEXT) = s.scope_id \
+                 ORDER BY CASE s.scope WHEN 'default' THEN 0 WHEN 'group' THEN 1 ELSE 2 END, scope_name, s.scope_id",
+            )
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(spend_limit_from_row)
+            .collect()
+        })
     }
 
     /// Creates or replaces a spend limit. `NotFound` when the group or user does not exist.
@@ -1173,37 +1260,40 @@ impl<'a> Queries<'a> {
                 "a spend limit cannot be negative".into(),
             ));
         }
-        let (kind, id) = scope.columns();
-        let mut tx = self.pool.begin().await?;
-        let name: Option<String> = match scope {
-            SpendScope::Default => None,
-            SpendScope::Group(g) => Some(
-                sqlx::query_scalar("SELECT name FROM groups WHERE id = ?")
-                    .bind(g.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("group {g}")))?,
-            ),
-            SpendScope::User(u) => Some(
-                sqlx::query_scalar("SELECT username FROM users WHERE id = ?")
-                    .bind(u.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("user {u}")))?,
-            ),
-        };
+        let (kind, scope_id) = scope.columns();
         let now = millis(Utc::now());
-        sqlx::query(
-            "INSERT INTO spend_limits (scope, scope_id, limit_nano_usd, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT(scope, scope_id) DO UPDATE SET limit_nano_usd = excluded.limit_nano_usd, updated_at = excluded.updated_at",
-        )
-        .bind(kind)
-        .bind(&id)
-        .bind(limit.0)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let name: Option<String> = per_backend!(self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            let name: Option<String> = match scope {
+                SpendScope::Default => None,
+                SpendScope::Group(g) => Some(
+                    sqlx::query_scalar(&sql("SELECT name FROM groups WHERE id = ?"))
+                        .bind(id(g))
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("group {g}")))?,
+                ),
+                SpendScope::User(u) => Some(
+                    sqlx::query_scalar(&sql("SELECT username FROM users WHERE id = ?"))
+                        .bind(id(u))
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("user {u}")))?,
+                ),
+            };
+            sqlx::query(&sql(
+                "INSERT INTO spend_limits (scope, scope_id, limit_nano_usd, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT(scope, scope_id) DO UPDATE SET limit_nano_usd = excluded.limit_nano_usd, updated_at = excluded.updated_at",
+            ))
+            .bind(kind)
+            .bind(&scope_id)
+            .bind(limit.0)
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            name
+        });
         Ok(SpendLimitEntry {
             scope: kind.to_string(),
             scope_id: match scope {
@@ -1218,27 +1308,33 @@ impl<'a> Queries<'a> {
 
     /// False when there was no such limit.
     pub async fn delete_spend_limit(&self, scope: SpendScope) -> Result<bool, StoreError> {
-        let (kind, id) = scope.columns();
-        let res = sqlx::query("DELETE FROM spend_limits WHERE scope = ? AND scope_id = ?")
+        let (kind, scope_id) = scope.columns();
+        per_backend!(self.store, |pool| {
+            let res = sqlx::query(&sql(
+                "DELETE FROM spend_limits WHERE scope = ? AND scope_id = ?",
+            ))
             .bind(kind)
-            .bind(id)
-            .execute(self.pool)
+            .bind(&scope_id)
+            .execute(pool)
             .await?;
-        Ok(res.rows_affected() > 0)
+            Ok(res.rows_affected() > 0)
+        })
     }
 
     // ---- price overrides --------------------------------------------------------------------
 
     pub async fn price_overrides(&self) -> Result<Vec<PriceOverride>, StoreError> {
-        sqlx::query(
-            "SELECT model, provider, input_nano, output_nano, cache_read_nano, cache_write_nano, output_limit, updated_at \
-             FROM pricing ORDER BY model",
-        )
-        .fetch_all(self.pool)
-        .await?
-        .iter()
-        .map(price_from_row)
-        .collect()
+        per_backend!(self.store, |pool| {
+            sqlx::query(
+                "SELECT model, provider, input_nano, output_nano, cache_read_nano, cache_write_nano, output_limit, updated_at \
+                 FROM pricing ORDER BY model",
+            )
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(price_from_row)
+            .collect()
+        })
     }
 
     /// Creates or replaces the override for `model`.
@@ -1268,22 +1364,24 @@ impl<'a> Queries<'a> {
             .output_limit
             .map(|l| i64::try_from(l).unwrap_or(i64::MAX));
         let now = millis(Utc::now());
-        sqlx::query(
-            "INSERT INTO pricing (model, provider, input_nano, output_nano, cache_read_nano, cache_write_nano, output_limit, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(model) DO UPDATE SET provider = excluded.provider, \
-             input_nano = excluded.input_nano, output_nano = excluded.output_nano, cache_read_nano = excluded.cache_read_nano, \
-             cache_write_nano = excluded.cache_write_nano, output_limit = excluded.output_limit, updated_at = excluded.updated_at",
-        )
-        .bind(model)
-        .bind(provider)
-        .bind(price.input.0)
-        .bind(price.output.0)
-        .bind(price.cache_read.0)
-        .bind(price.cache_write.0)
-        .bind(output_limit)
-        .bind(now)
-        .execute(self.pool)
-        .await?;
+        per_backend!(self.store, |pool| {
+            sqlx::query(&sql(
+                "INSERT INTO pricing (model, provider, input_nano, output_nano, cache_read_nano, cache_write_nano, output_limit, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(model) DO UPDATE SET provider = excluded.provider, \
+                 input_nano = excluded.input_nano, output_nano = excluded.output_nano, cache_read_nano = excluded.cache_read_nano, \
+                 cache_write_nano = excluded.cache_write_nano, output_limit = excluded.output_limit, updated_at = excluded.updated_at",
+            ))
+            .bind(model)
+            .bind(provider)
+            .bind(price.input.0)
+            .bind(price.output.0)
+            .bind(price.cache_read.0)
+            .bind(price.cache_write.0)
+            .bind(output_limit)
+            .bind(ms(now))
+            .execute(pool)
+            .await?;
+        });
         Ok(PriceOverride {
             model: model.to_string(),
             provider: provider.to_string(),
@@ -1294,11 +1392,13 @@ impl<'a> Queries<'a> {
 
     /// False when `model` had no override.
     pub async fn delete_price_override(&self, model: &str) -> Result<bool, StoreError> {
-        let res = sqlx::query("DELETE FROM pricing WHERE model = ?")
-            .bind(model)
-            .execute(self.pool)
-            .await?;
-        Ok(res.rows_affected() > 0)
+        per_backend!(self.store, |pool| {
+            let res = sqlx::query(&sql("DELETE FROM pricing WHERE model = ?"))
+                .bind(model)
+                .execute(pool)
+                .await?;
+            Ok(res.rows_affected() > 0)
+        })
     }
 
     // ---- seats ------------------------------------------------------------------------------
@@ -1308,55 +1408,57 @@ impl<'a> Queries<'a> {
         &self,
         active_since: DateTime<Utc>,
     ) -> Result<Vec<SeatHolderRow>, StoreError> {
-        sqlx::query(
-            "SELECT s.user_id, u.username, s.first_used_at, s.last_used_at FROM seat_holders s \
-             LEFT JOIN users u ON u.id = s.user_id WHERE s.last_used_at >= ? \
-             ORDER BY s.first_used_at, s.user_id",
-        )
-        .bind(millis(active_since))
-        .fetch_all(self.pool)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(SeatHolderRow {
-                user_id: uuid_col(r, "user_id")?,
-                username: r.try_get("username")?,
-                first_used_at: time_col(r, "first_used_at")?,
-                last_used_at: time_col(r, "last_used_at")?,
+        per_backend!(self.store, |pool| {
+            sqlx::query(&sql(
+                "SELECT s.user_id, u.username, s.first_used_at, s.last_used_at FROM seat_holders s \
+                 LEFT JOIN users u ON u.id = s.user_id WHERE s.last_used_at >= ? \
+                 ORDER BY s.first_used_at, s.user_id",
+            ))
+            .bind(ms(millis(active_since)))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(SeatHolderRow {
+                    user_id: r.uuid("user_id")?,
+                    username: r.opt_text("username")?,
+                    first_used_at: r.time("first_used_at")?,
+                    last_used_at: r.time("last_used_at")?,
+                })
             })
+            .collect()
         })
-        .collect()
     }
 }
 
-fn spend_limit_from_row(r: &SqliteRow) -> Result<SpendLimitEntry, StoreError> {
-    let scope_id: String = r.try_get("scope_id")?;
+fn spend_limit_from_row<R: DbRow>(r: &R) -> Result<SpendLimitEntry, StoreError> {
+    let scope_id = r.text("scope_id")?;
     Ok(SpendLimitEntry {
-        scope: r.try_get("scope")?,
+        scope: r.text("scope")?,
         scope_id: if scope_id.is_empty() {
             None
         } else {
             Some(parse_uuid(&scope_id)?)
         },
-        scope_name: r.try_get("scope_name")?,
-        limit: NanoUsd(r.try_get("limit_nano_usd")?),
-        updated_at: time_col(r, "updated_at")?,
+        scope_name: r.opt_text("scope_name")?,
+        limit: NanoUsd(r.int("limit_nano_usd")?),
+        updated_at: r.time("updated_at")?,
     })
 }
 
-fn price_from_row(r: &SqliteRow) -> Result<PriceOverride, StoreError> {
+fn price_from_row<R: DbRow>(r: &R) -> Result<PriceOverride, StoreError> {
     Ok(PriceOverride {
-        model: r.try_get("model")?,
-        provider: r.try_get("provider")?,
+        model: r.text("model")?,
+        provider: r.text("provider")?,
         price: ModelPrice {
-            input: NanoUsd(r.try_get("input_nano")?),
-            output: NanoUsd(r.try_get("output_nano")?),
-            cache_read: NanoUsd(r.try_get("cache_read_nano")?),
-            cache_write: NanoUsd(r.try_get("cache_write_nano")?),
+            input: NanoUsd(r.int("input_nano")?),
+            output: NanoUsd(r.int("output_nano")?),
+            cache_read: NanoUsd(r.int("cache_read_nano")?),
+            cache_write: NanoUsd(r.int("cache_write_nano")?),
             output_limit: r
-                .try_get::<Option<i64>, _>("output_limit")?
+                .opt_int("output_limit")?
                 .and_then(|l| u64::try_from(l).ok()),
         },
-        updated_at: time_col(r, "updated_at")?,
+        updated_at: r.time("updated_at")?,
     })
 }

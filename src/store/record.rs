@@ -1,7 +1,7 @@
 //! The interception record: one finished provider call, as it is written to the database.
 
 use chrono::{DateTime, Utc};
-use sqlx::SqlitePool;
+use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use super::{millis, StoreError};
@@ -98,6 +98,7 @@ fn db_u64(v: u64) -> i64 {
 
 /// SQLite takes at most 32766 bound parameters per statement; child rows are inserted in
 /// multi-row statements sized well under that.
+/// PostgreSQL's limit (65535) is higher; one size keeps the two writers alike.
 const ROWS_PER_STATEMENT: usize = 200;
 
 pub(super) async fn insert_batch_sqlite(
@@ -250,6 +251,175 @@ pub(super) async fn insert_batch_sqlite(
         qb.push(
             " ON CONFLICT(user_id) DO UPDATE SET first_used_at = MIN(first_used_at, excluded.first_used_at), \
              last_used_at = MAX(last_used_at, excluded.last_used_at)",
+        );
+        qb.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Whole milliseconds, as SQLite stores them: the API's keyset cursors carry milliseconds, and
+/// a microsecond remainder in `timestamptz` would make `ended_at <= cursor` skip rows.
+fn to_ms(t: DateTime<Utc>) -> DateTime<Utc> {
+    super::from_millis(millis(t))
+}
+
+/// The PostgreSQL flavour of [`insert_batch_sqlite`]: the same multi-row statements in one
+/// transaction, with native uuid/timestamptz binds, `ON CONFLICT DO NOTHING` for SQLite's
+/// `INSERT OR IGNORE` and `LEAST`/`GREATEST` for its scalar `MIN`/`MAX`.
+pub(super) async fn insert_batch_postgres(
+    pool: &PgPool,
+    batch: &[InterceptionRecord],
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
+             response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
+             credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
+             input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
+             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.id)
+                .push_bind(r.user_id)
+                .push_bind(r.api_key_id)
+                .push_bind(&r.provider)
+                .push_bind(r.provider_kind)
+                .push_bind(r.endpoint)
+                .push_bind(&r.model)
+                .push_bind(&r.response_model)
+                .push_bind(r.client)
+                .push_bind(&r.client_session_id)
+                .push_bind(&r.session_key)
+                .push_bind(r.thread_parent_id)
+                .push_bind(r.thread_root_id)
+                .push_bind(r.credential_kind.as_str())
+                .push_bind(&r.credential_hint)
+                .push_bind(r.status.as_str())
+                .push_bind(r.upstream_status.map(i32::from))
+                .push_bind(&r.error)
+                .push_bind(r.streaming)
+                .push_bind(to_ms(r.started_at))
+                .push_bind(to_ms(r.ended_at))
+                .push_bind(r.ttfb_ms.map(db_u64))
+                .push_bind(&r.response_id)
+                .push_bind(db_u64(r.usage.input))
+                .push_bind(db_u64(r.usage.output))
+                .push_bind(db_u64(r.usage.cache_read))
+                .push_bind(db_u64(r.usage.cache_write))
+                .push_bind(db_u64(r.usage.reasoning))
+                .push_bind(r.cost.0)
+                .push_bind(r.price.is_some())
+                .push_bind(r.price.as_ref().map(|p| p.input.0))
+                .push_bind(r.price.as_ref().map(|p| p.output.0))
+                .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
+                .push_bind(r.price.as_ref().map(|p| p.cache_write.0));
+        });
+        // A retried batch may repeat rows already committed: keep the first copy.
+        qb.push(" ON CONFLICT (id) DO NOTHING");
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let usages: Vec<&InterceptionRecord> = batch
+        .iter()
+        .filter(|r| r.usage != TokenUsage::default())
+        .collect();
+    for chunk in usages.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
+             cache_write_input_tokens, reasoning_tokens, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.id)
+                .push_bind(&r.response_id)
+                .push_bind(db_u64(r.usage.input))
+                .push_bind(db_u64(r.usage.output))
+                .push_bind(db_u64(r.usage.cache_read))
+                .push_bind(db_u64(r.usage.cache_write))
+                .push_bind(db_u64(r.usage.reasoning))
+                .push_bind(to_ms(r.ended_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let prompts: Vec<(&InterceptionRecord, &String)> = batch
+        .iter()
+        .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
+        .collect();
+    for chunk in prompts.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (r, p)| {
+            b.push_bind(r.id)
+                .push_bind(&r.response_id)
+                .push_bind(*p)
+                .push_bind(to_ms(r.started_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
+        .iter()
+        .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
+        .collect();
+    for chunk in tools.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (r, t)| {
+            b.push_bind(r.id)
+                .push_bind(&r.response_id)
+                .push_bind(&t.id)
+                .push_bind(&t.name)
+                .push_bind(&t.input)
+                .push_bind(false)
+                .push_bind(to_ms(r.ended_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+
+    let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
+        .iter()
+        .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
+        .collect();
+    for chunk in thoughts.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (r, t)| {
+            b.push_bind(r.id)
+                .push_bind(&t.content)
+                .push_bind(t.source.as_str())
+                .push_bind(to_ms(r.ended_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    // Seat holders: first and last use per user in this batch.
+    type Span = (DateTime<Utc>, DateTime<Utc>);
+    let mut seats: std::collections::HashMap<Uuid, Span> = std::collections::HashMap::new();
+    for r in batch {
+        let e = seats
+            .entry(r.user_id)
+            .or_insert((to_ms(r.started_at), to_ms(r.ended_at)));
+        e.0 = e.0.min(to_ms(r.started_at));
+        e.1 = e.1.max(to_ms(r.ended_at));
+    }
+    let seats: Vec<(Uuid, Span)> = seats.into_iter().collect();
+    for chunk in seats.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
+        );
+        qb.push_values(chunk, |mut b, (user, (first, last))| {
+            b.push_bind(*user).push_bind(*first).push_bind(*last);
+        });
+        qb.push(
+            " ON CONFLICT(user_id) DO UPDATE SET first_used_at = LEAST(seat_holders.first_used_at, excluded.first_used_at), \
+             last_used_at = GREATEST(seat_holders.last_used_at, excluded.last_used_at)",
         );
         qb.build().execute(&mut *tx).await?;
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{millis, Store, StoreError};
+use super::{millis, Backend, Store, StoreError};
 
 /// Counter of interceptions deleted by retention (their child rows go with them).
 pub const RETENTION_PURGED_TOTAL: &str = "tollgate_retention_purged_total";
@@ -32,20 +32,31 @@ pub async fn purge_once(store: &Store, days: u32, now: DateTime<Utc>) -> Result<
     if days == 0 {
         return Ok(0);
     }
-    let cutoff = millis(now - chrono::Duration::days(i64::from(days)));
+    let cutoff = now - chrono::Duration::days(i64::from(days));
     let mut purged = 0u64;
     loop {
         // The inner SELECT walks the ended_at index; the cascade deletes child rows through
         // their interception_id indexes.
-        let res = sqlx::query(
-            "DELETE FROM interceptions WHERE id IN \
-             (SELECT id FROM interceptions WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
-        )
-        .bind(cutoff)
-        .bind(BATCH)
-        .execute(&store.pool)
-        .await?;
-        let n = res.rows_affected();
+        let n = match store.backend() {
+            Backend::Sqlite(pool) => sqlx::query(
+                "DELETE FROM interceptions WHERE id IN \
+                 (SELECT id FROM interceptions WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
+            )
+            .bind(millis(cutoff))
+            .bind(BATCH)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            Backend::Postgres(pool) => sqlx::query(
+                "DELETE FROM interceptions WHERE id IN \
+                 (SELECT id FROM interceptions WHERE ended_at < $1 ORDER BY ended_at LIMIT $2)",
+            )
+            .bind(cutoff)
+            .bind(BATCH)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        };
         purged += n;
         metrics::counter!(RETENTION_PURGED_TOTAL).increment(n);
         if n < BATCH as u64 {

@@ -1,6 +1,14 @@
 //! Starts the real `tollgate` binary for a test: its own temp dir, SQLite file and config, ports
 //! chosen by the binary itself (port 0, read back from its "listening" log lines), stdout
 //! captured so tests can inspect the structured logs.
+//!
+//! With `TOLLGATE_TEST_DATABASE_URL=postgres://user:pass@host:port/maintenance_db` set, every
+//! instance runs on PostgreSQL instead: a fresh database per instance (created through that
+//! maintenance connection, named `tg_test_<random>`), so tests stay independent exactly as
+//! their SQLite temp files are. Tests read rows through the backend-neutral helpers
+//! ([`Tollgate::scalar`], [`Tollgate::column`], [`Tollgate::execute`],
+//! [`Tollgate::wait_until_recorded`]); [`Tollgate::db`] is the SQLite file itself, and a test
+//! that needs it must be SQLite-only ([`skip_on_postgres`]).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -13,6 +21,72 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::SqlitePool;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// The environment variable that switches the integration tests to PostgreSQL.
+pub const PG_ENV: &str = "TOLLGATE_TEST_DATABASE_URL";
+
+/// The maintenance URL when the tests run on PostgreSQL.
+pub fn postgres_url() -> Option<String> {
+    std::env::var(PG_ENV).ok().filter(|u| !u.is_empty())
+}
+
+/// True when the tests run on PostgreSQL.
+pub fn on_postgres() -> bool {
+    postgres_url().is_some()
+}
+
+/// Returns true (and says why on stderr) when the calling test must be skipped because it reads
+/// the SQLite file directly or needs a store query that has no PostgreSQL flavour yet.
+/// Use as `if skip_on_postgres("reason") { return; }`.
+pub fn skip_on_postgres(reason: &str) -> bool {
+    if on_postgres() {
+        eprintln!("skipped on PostgreSQL: {reason}");
+        true
+    } else {
+        false
+    }
+}
+
+/// `?` placeholders as PostgreSQL's `$1, $2, …` (test SQL has no `?` in literals).
+fn number_placeholders(sql: &str) -> String {
+    let mut numbered = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            numbered.push_str(&format!("${n}"));
+        } else {
+            numbered.push(c);
+        }
+    }
+    numbered
+}
+
+/// Creates a fresh, empty database next to the maintenance database of `base` and returns its
+/// URL. Names are random, so parallel tests never share one.
+pub async fn fresh_postgres_database(base: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("tg_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(base)
+        .await
+        .unwrap_or_else(|e| panic!("{PG_ENV}: cannot connect to the maintenance database: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("CREATE DATABASE (the test role needs CREATEDB)");
+    let _ = conn.close().await;
+    // postgres://user:pass@host:port/db?params → swap the database, keep the rest.
+    let (url, params) = match base.split_once('?') {
+        Some((u, p)) => (u, format!("?{p}")),
+        None => (base, String::new()),
+    };
+    let authority_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let root = match url[authority_end..].find('/') {
+        Some(i) => &url[..authority_end + i],
+        None => url,
+    };
+    format!("{root}/{name}{params}")
+}
 
 /// The central keys the test config hands to providers (they must never reach a client or log).
 pub const OPENAI_CENTRAL_KEY: &str = "sk-central-openai-0123456789abcdef";
@@ -31,6 +105,8 @@ pub struct TollgateBuilder {
     files: Vec<(String, Vec<u8>)>,
     /// Use this SQLite file instead of a fresh one (a restart of an earlier instance).
     database: Option<PathBuf>,
+    /// Use this database URL instead of a fresh database (a restart, on either backend).
+    database_url: Option<String>,
 }
 
 impl TollgateBuilder {
@@ -58,6 +134,12 @@ impl TollgateBuilder {
     /// Runs on an existing SQLite file (to restart on an earlier instance's state).
     pub fn database(mut self, path: &Path) -> Self {
         self.database = Some(path.to_path_buf());
+        self
+    }
+
+    /// Runs on an earlier instance's database, whichever the backend (see [`Tollgate::db_url`]).
+    pub fn database_url(mut self, url: &str) -> Self {
+        self.database_url = Some(url.to_string());
         self
     }
 
@@ -94,11 +176,17 @@ impl TollgateBuilder {
             .database
             .clone()
             .unwrap_or_else(|| dir.path().join("tollgate.db"));
+        let db_url = match (&self.database_url, postgres_url()) {
+            (Some(url), _) => url.clone(),
+            // A given SQLite file means "state that outlives one instance": under PostgreSQL
+            // that is a fresh database, reused through `database_url(&tg.db_url)`.
+            (None, Some(base)) => fresh_postgres_database(&base).await,
+            _ => format!("sqlite://{}", db_path.display()),
+        };
         let mut config = format!(
             "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrace_period_seconds = 0\n{}\n\
-             [database]\nurl = \"sqlite://{}\"\n\n[auth]\nkey_cache_ttl_ms = 1000\n\n",
-            self.server_extra,
-            db_path.display()
+             [database]\nurl = \"{}\"\n\n[auth]\nkey_cache_ttl_ms = 1000\n\n",
+            self.server_extra, db_url
         );
         for (name, kind, url) in &self.providers {
             let env = match kind.as_str() {
@@ -174,6 +262,7 @@ impl TollgateBuilder {
             child,
             dir,
             db_path,
+            db_url,
             config_path,
             logs,
             gateway: String::new(),
@@ -230,7 +319,10 @@ impl TollgateBuilder {
 pub struct Tollgate {
     child: Child,
     dir: tempfile::TempDir,
+    /// The SQLite file (meaningless under PostgreSQL; see [`Tollgate::db_url`]).
     pub db_path: PathBuf,
+    /// `database.url` of this instance: the SQLite file or its own PostgreSQL database.
+    pub db_url: String,
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     /// `http://127.0.0.1:PORT` of the gateway listener.
@@ -252,6 +344,7 @@ impl Tollgate {
             proxy: None,
             files: Vec::new(),
             database: None,
+            database_url: None,
         }
     }
 
@@ -342,14 +435,127 @@ impl Tollgate {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// The SQLite file, read-only, for tests that check rows directly. Under PostgreSQL such
+    /// tests must call [`skip_on_postgres`] first; reaching this is a bug in the test.
     pub async fn db(&self) -> SqlitePool {
+        assert!(
+            !on_postgres(),
+            "this test reads the SQLite file directly; guard it with skip_on_postgres"
+        );
         let opts = SqliteConnectOptions::new()
             .filename(&self.db_path)
             .read_only(true);
         SqlitePool::connect_with(opts).await.expect("open test db")
     }
 
-    /// Waits until the recorder has written at least `n` interceptions.
+    /// Runs one statement on either backend (same SQL rules as [`Tollgate::column`]).
+    pub async fn execute(&self, sql: &str, binds: &[&str]) {
+        if on_postgres() {
+            let pool = sqlx::PgPool::connect(&self.db_url)
+                .await
+                .expect("connect to the test database");
+            let numbered = number_placeholders(sql);
+            let mut q = sqlx::query(&numbered);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            q.execute(&pool).await.expect(&numbered);
+            pool.close().await;
+        } else {
+            let pool = self.db_rw().await;
+            let mut q = sqlx::query(sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            q.execute(&pool).await.expect(sql);
+            pool.close().await;
+        }
+    }
+
+    /// One scalar from either backend; see [`Tollgate::column`] for the SQL rules.
+    pub async fn scalar<T>(&self, sql: &str, binds: &[&str]) -> T
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+            + sqlx::Type<sqlx::Sqlite>
+            + for<'r> sqlx::Decode<'r, sqlx::Postgres>
+            + sqlx::Type<sqlx::Postgres>,
+    {
+        self.column(sql, binds)
+            .await
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no row for {sql}"))
+    }
+
+    /// The first column of every row, from either backend. `sql` must be portable: `?`
+    /// placeholders (numbered for PostgreSQL here), text binds, and `CAST(… AS TEXT)` /
+    /// `CAST(… AS BIGINT)` where the column types differ (uuid, and SUM's numeric, on
+    /// PostgreSQL).
+    pub async fn column<T>(&self, sql: &str, binds: &[&str]) -> Vec<T>
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+            + sqlx::Type<sqlx::Sqlite>
+            + for<'r> sqlx::Decode<'r, sqlx::Postgres>
+            + sqlx::Type<sqlx::Postgres>,
+    {
+        if on_postgres() {
+            let pool = sqlx::PgPool::connect(&self.db_url)
+                .await
+                .expect("connect to the test database");
+            let numbered = number_placeholders(sql);
+            let mut q = sqlx::query_scalar::<_, T>(&numbered);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            let v = q.fetch_all(&pool).await.expect(&numbered);
+            pool.close().await;
+            v
+        } else {
+            let pool = self.db().await;
+            let mut q = sqlx::query_scalar::<_, T>(sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            let v = q.fetch_all(&pool).await.expect(sql);
+            pool.close().await;
+            v
+        }
+    }
+
+    /// Waits until the recorder has written at least `n` interceptions, on either backend.
+    pub async fn wait_until_recorded(&self, n: i64) {
+        if !on_postgres() {
+            self.wait_for_interceptions(n).await;
+            return;
+        }
+        let pool = sqlx::PgPool::connect(&self.db_url)
+            .await
+            .expect("connect to the test database");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM interceptions")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0);
+            if count >= n {
+                pool.close().await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {count} of {n} interceptions recorded:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the recorder has written at least `n` interceptions and returns the SQLite
+    /// pool (SQLite only; use [`Tollgate::wait_until_recorded`] when the pool is not needed).
     pub async fn wait_for_interceptions(&self, n: i64) -> SqlitePool {
         let pool = self.db().await;
         let deadline = Instant::now() + Duration::from_secs(10);
