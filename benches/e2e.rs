@@ -2,15 +2,18 @@
 //! SQLite recording on, between a closed-loop load generator and a fast mock provider, compared
 //! in the same run with the load generator calling the mock directly.
 //!
-//! Run with `cargo bench --bench e2e` (about two minutes; Linux only, loopback only). It prints a
-//! table and writes the same table to `target/e2e-report.md`. It reports; it never fails on a
-//! missed target. Knobs (environment): `E2E_PHASE_SECS` (measured seconds per load phase,
-//! default 3, in three slices alternating with the other path), `E2E_STREAMS` (concurrent streams in the memory test, default 10000; 0 skips it),
-//! `E2E_ONLY` (run only the phases whose name contains this, e.g. `json c=16 tollgate`, or
-//! `streams` for the memory test alone;
-//! used for profiling), `E2E_WRAP` (a command to run Tollgate under, e.g.
-//! `valgrind --tool=massif`), `E2E_BIN` (another Tollgate binary, to compare builds),
-//! `E2E_REPORT` (report path).
+//! Run with `cargo bench --bench e2e` (one to four minutes; Linux only, loopback only). It prints
+//! a table and writes the same table to `target/e2e-report.md`. It reports; it never fails on a
+//! missed target. Method and latest figures: `BENCHMARKS.md`.
+//!
+//! Knobs (environment):
+//! - `E2E_PHASE_SECS`: measured seconds per row (default 3, in three slices alternating with the
+//!   other path);
+//! - `E2E_STREAMS`: concurrent streams in the memory test (default 10000; 0 skips it);
+//! - `E2E_ONLY`: only the rows whose name contains this (`json c=16 tollgate`), or `streams`;
+//! - `E2E_BIN`: another Tollgate binary, to compare builds;
+//! - `E2E_WRAP`: a command to run Tollgate under (`valgrind --tool=massif`; see BENCHMARKS.md);
+//! - `E2E_REPORT`: the report's path.
 //!
 //! Three processes share the machine's cores, as the issue asks:
 //! - this process: the load generator (one thread, `current_thread` tokio runtime; N keep-alive
@@ -25,9 +28,9 @@
 //!
 //! Tollgate's CPU per request is its utime+stime from `/proc/<pid>/stat` over the measured window
 //! divided by the requests completed in it; peak RSS is `VmHWM` (reset at the start of each
-//! phase through `clear_refs`). "Other load" is CPU the machine spent outside these three
-//! processes during the window (from `/proc/stat`): other people's builds. A phase with more than
-//! 10 % of the machine busy elsewhere is run again (twice at most) and the quietest run is kept.
+//! slice through `clear_refs`). "Other load" is CPU the machine spent outside these three
+//! processes during the window (from `/proc/stat`): other people's builds. A slice with more than
+//! 10 % of the machine busy elsewhere is measured again (twice at most; the quietest is kept).
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
