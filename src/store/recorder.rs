@@ -94,11 +94,35 @@ async fn write_loop(
                 if n == 0 {
                     break;
                 }
+                if !draining {
+                    linger(&mut rx, &mut batch, batch_size).await;
+                }
             }
         }
         metrics::gauge!(metric::RECORDER_QUEUE_DEPTH).decrement(batch.len() as f64);
         write_with_retry(&store, &batch, draining).await;
         batch.clear();
+    }
+}
+
+/// How long the writer waits for more records after the first one of a batch. One transaction
+/// for many records costs far less than one each (the writer was 35-40 % of Tollgate's CPU when
+/// it woke per record); 20 ms is invisible to anyone reading the API.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// Lets a batch fill for up to [`LINGER`] (or until it is full).
+async fn linger(
+    rx: &mut mpsc::Receiver<InterceptionRecord>,
+    batch: &mut Vec<InterceptionRecord>,
+    batch_size: usize,
+) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while batch.len() < batch_size {
+        match tokio::time::timeout_at(deadline, rx.recv_many(batch, batch_size - batch.len())).await
+        {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
     }
 }
 
