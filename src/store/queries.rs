@@ -1131,6 +1131,12 @@ impl<'a> Queries<'a> {
     pub async fn add_group_member(&self, group: Uuid, user: Uuid) -> Result<(), StoreError> {
         per_backend!(self.store, |pool| {
             let mut tx = pool.begin().await?;
+            // Take the write lock before reading: on SQLite a deferred transaction that reads and
+            // then writes fails at once (SQLITE_BUSY) when another connection, such as the
+            // recorder, commits in between; a write first makes it wait its turn instead.
+            sqlx::query("DELETE FROM group_members WHERE 1 = 0")
+                .execute(&mut *tx)
+                .await?;
             let group_exists = sqlx::query(&sql("SELECT 1 FROM groups WHERE id = ?"))
                 .bind(id(group))
                 .fetch_optional(&mut *tx)
@@ -1264,6 +1270,12 @@ impl<'a> Queries<'a> {
         let now = millis(Utc::now());
         let name: Option<String> = per_backend!(self.store, |pool| {
             let mut tx = pool.begin().await?;
+            // Take the write lock before reading: on SQLite a deferred transaction that reads and
+            // then writes fails at once (SQLITE_BUSY) when another connection, such as the
+            // recorder, commits in between; a write first makes it wait its turn instead.
+            sqlx::query("DELETE FROM spend_limits WHERE 1 = 0")
+                .execute(&mut *tx)
+                .await?;
             let name: Option<String> = match scope {
                 SpendScope::Default => None,
                 SpendScope::Group(g) => Some(
