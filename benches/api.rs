@@ -171,6 +171,8 @@ async fn seed() -> Seeded {
                 },
                 cost: tollgate::governance::pricing::cost(&usage, &price),
                 price: Some(price),
+                spend_period_start: chrono::Utc::now(),
+                shared_reservation: None,
             });
             if root.is_none() {
                 root = Some(id);

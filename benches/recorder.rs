@@ -83,6 +83,8 @@ fn records(n: usize, users: &[Uuid]) -> Vec<InterceptionRecord> {
                 },
                 cost: tollgate::governance::pricing::cost(&usage, &price),
                 price: Some(price),
+                spend_period_start: chrono::Utc::now(),
+                shared_reservation: None,
             }
         })
         .collect()
@@ -106,6 +108,9 @@ async fn run(name: &str, store: Store, n: usize) -> f64 {
     let config = RecorderConfig {
         queue_capacity: 65_536,
         batch_size: 512,
+        spill_dir: std::env::temp_dir().join("tollgate-bench-spill"),
+        spill_max_bytes: 0,
+        spill_after: std::time::Duration::from_secs(2),
     };
     let started = Instant::now();
     let (recorder, handle) = Recorder::start(store.clone(), config);

@@ -60,12 +60,18 @@ pub fn presented_key(headers: &HeaderMap) -> Option<(String, KeySource)> {
 
 struct CacheEntry {
     principal: Option<Arc<Principal>>,
+    /// When the entry was last fresh (looked up, or served stale): it is trusted for a TTL.
     fetched: Instant,
+    /// When the database last confirmed it.
+    validated: Instant,
 }
 
 /// Bound on cached entries; past it the cache is cleared rather than grown (a flood of random
 /// keys must not eat memory).
 const MAX_ENTRIES: usize = 100_000;
+
+/// How long a valid key's last lookup may serve while the database cannot be asked.
+const STALE_LIMIT: Duration = Duration::from_secs(3600);
 
 /// Key hash → principal, refreshed from the store after `ttl`.
 pub struct KeyCache {
@@ -88,6 +94,24 @@ impl KeyCache {
         (e.fetched.elapsed() < self.ttl).then(|| e.principal.clone())
     }
 
+    /// While the database is down, a key that was valid when last checked (within
+    /// [`STALE_LIMIT`]) keeps working: nobody can revoke it meanwhile, since revocation is a
+    /// database write, and refusing every caller would turn an outage of the store into an
+    /// outage of the gateway. Keys never seen before are still refused.
+    fn stale(&self, hash: &[u8; 32]) -> Option<Arc<Principal>> {
+        let entries = self.entries.read();
+        let e = entries.get(hash)?;
+        let valid = e.principal.as_ref()?;
+        (e.validated.elapsed() < STALE_LIMIT).then(|| valid.clone())
+    }
+
+    /// Serves a stale entry for another TTL before the database is asked again.
+    fn touch(&self, hash: &[u8; 32]) {
+        if let Some(e) = self.entries.write().get_mut(hash) {
+            e.fetched = Instant::now();
+        }
+    }
+
     pub fn insert(&self, hash: [u8; 32], principal: Option<Arc<Principal>>) {
         let mut entries = self.entries.write();
         if entries.len() >= MAX_ENTRIES {
@@ -98,6 +122,7 @@ impl KeyCache {
             CacheEntry {
                 principal,
                 fetched: Instant::now(),
+                validated: Instant::now(),
             },
         );
     }
@@ -121,11 +146,30 @@ impl KeyCache {
             return Ok(hit);
         }
         metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "miss").increment(1);
-        let store = store.clone();
-        let found = db
-            .spawn(async move { store.principal_for_key(&hash).await })
-            .await
-            .map_err(|e| StoreError::Invalid(format!("key lookup task failed: {e}")))??;
+        let lookup = {
+            let store = store.clone();
+            async move {
+                db.spawn(async move { store.principal_for_key(&hash).await })
+                    .await
+                    .map_err(|e| StoreError::Invalid(format!("key lookup task failed: {e}")))?
+            }
+        };
+        let found = match self.stale(&hash) {
+            // A key that was valid: ask, but do not wait long for a database that is down.
+            Some(valid) => match store.on_hot_path(lookup).await {
+                Some(found) => found,
+                None => {
+                    metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "stale")
+                        .increment(1);
+                    self.touch(&hash);
+                    return Ok(Some(valid));
+                }
+            },
+            None if store.recently_failed() => {
+                return Err(StoreError::Unavailable("database unavailable".into()))
+            }
+            None => lookup.await.inspect_err(|_| store.note_failure())?,
+        };
         let principal = found.map(Arc::new);
         self.insert(hash, principal.clone());
         Ok(principal)

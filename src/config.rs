@@ -220,6 +220,18 @@ pub struct BudgetConfig {
     pub default_limit: Option<NanoUsd>,
     pub group_policy: GroupPolicy,
     pub unpriced: UnpricedPolicy,
+    /// What a capped request gets when the shared spend store (PostgreSQL) cannot be reached.
+    pub when_database_down: DatabaseDownPolicy,
+    /// How long a replica's reservations keep counting after it stops renewing them (it died).
+    pub reservation_ttl: Duration,
+}
+
+/// `budgets.when_database_down`: decide capped requests on this replica's own ledger (the last
+/// spend it knew plus its own traffic), or refuse them with a 503 until the database is back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseDownPolicy {
+    Local,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -247,10 +259,15 @@ pub struct LoggingConfig {
     pub level: String,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RecorderConfig {
     pub queue_capacity: usize,
     pub batch_size: usize,
+    /// Where records go when the database stays down longer than `spill_after`.
+    pub spill_dir: PathBuf,
+    /// 0 = never spill (hold in memory, drop when the queue is full).
+    pub spill_max_bytes: u64,
+    pub spill_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -496,10 +513,26 @@ impl<'p> Reader<'p> {
             let t = self.section(root, "recorder");
             let queue_capacity = self.int(&t, "recorder", "queue_capacity", 65_536, 16, 10_000_000);
             let batch_size = self.int(&t, "recorder", "batch_size", 512, 1, 100_000);
-            self.unknown_keys(&t, "recorder", &["queue_capacity", "batch_size"]);
+            let spill_dir = self.string(&t, "recorder", "spill_dir", "data/spill");
+            let spill_max_bytes = self.int(&t, "recorder", "spill_max_bytes", 1 << 30, 0, i64::MAX);
+            let spill_after = self.int(&t, "recorder", "spill_after_ms", 2_000, 0, 600_000);
+            self.unknown_keys(
+                &t,
+                "recorder",
+                &[
+                    "queue_capacity",
+                    "batch_size",
+                    "spill_dir",
+                    "spill_max_bytes",
+                    "spill_after_ms",
+                ],
+            );
             RecorderConfig {
                 queue_capacity: queue_capacity as usize,
                 batch_size: batch_size as usize,
+                spill_dir: spill_dir.into(),
+                spill_max_bytes: spill_max_bytes as u64,
+                spill_after: Duration::from_millis(spill_after as u64),
             }
         };
         let auth = {
@@ -1157,16 +1190,36 @@ impl<'p> Reader<'p> {
                 ("deny", UnpricedPolicy::Deny),
             ],
         );
+        let when_database_down = self.choice(
+            &t,
+            s,
+            "when_database_down",
+            DatabaseDownPolicy::Local,
+            &[
+                ("local", DatabaseDownPolicy::Local),
+                ("refuse", DatabaseDownPolicy::Refuse),
+            ],
+        );
+        let ttl = self.int(&t, s, "reservation_ttl_seconds", 30, 5, 3600);
         self.unknown_keys(
             &t,
             s,
-            &["period", "default_limit_usd", "group_policy", "unpriced"],
+            &[
+                "period",
+                "default_limit_usd",
+                "group_policy",
+                "unpriced",
+                "when_database_down",
+                "reservation_ttl_seconds",
+            ],
         );
         BudgetConfig {
             period,
             default_limit,
             group_policy,
             unpriced,
+            when_database_down,
+            reservation_ttl: Duration::from_secs(ttl as u64),
         }
     }
 

@@ -39,7 +39,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("database {}", redact_url(&config.database.url)))?;
     let (recorder, recorder_handle) = {
         let _guard = background.enter();
-        Recorder::start(store.clone(), config.recorder)
+        Recorder::start(store.clone(), config.recorder.clone())
     };
     let vault = if config.keys.allow_user_api_key {
         let secret = std::env::var("TOLLGATE_SECRET_KEY").ok();

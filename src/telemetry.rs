@@ -28,6 +28,8 @@ pub mod metric {
     pub const COST_NANO_USD_TOTAL: &str = "tollgate_cost_nano_usd_total";
     pub const UNPRICED_TOTAL: &str = "tollgate_unpriced_interceptions_total";
     pub const REFUSALS_TOTAL: &str = "tollgate_refusals_total";
+    /// Admissions that could not reach the shared budget store (PostgreSQL).
+    pub const BUDGET_STORE_ERRORS_TOTAL: &str = "tollgate_budget_store_errors_total";
     pub const PASSTHROUGH_TOTAL: &str = "tollgate_passthrough_total";
     pub const PROXY_CONNECTS_TOTAL: &str = "tollgate_proxy_connects_total";
     pub const LEAF_CERTS_MINTED_TOTAL: &str = "tollgate_leaf_certs_minted_total";
@@ -36,6 +38,8 @@ pub mod metric {
     pub const RECORDER_DROPPED_TOTAL: &str = "tollgate_recorder_dropped_total";
     pub const RECORDER_WRITTEN_TOTAL: &str = "tollgate_recorder_written_total";
     pub const RECORDER_WRITE_ERRORS_TOTAL: &str = "tollgate_recorder_write_errors_total";
+    pub const RECORDER_SPILLED_TOTAL: &str = "tollgate_recorder_spilled_total";
+    pub const RECORDER_SPILL_PENDING: &str = "tollgate_recorder_spill_pending";
     pub const SEATS_USED: &str = "tollgate_seats_used";
     pub const SEATS_LIMIT: &str = "tollgate_seats_limit";
     pub const KEY_CACHE_LOOKUPS_TOTAL: &str = "tollgate_key_cache_lookups_total";
@@ -124,6 +128,18 @@ fn describe() {
     describe_counter!(
         metric::RECORDER_WRITE_ERRORS_TOTAL,
         "Failed batch writes (retried)."
+    );
+    describe_counter!(
+        metric::RECORDER_SPILLED_TOTAL,
+        "Interception records written to the spill directory while the database was down."
+    );
+    describe_gauge!(
+        metric::RECORDER_SPILL_PENDING,
+        "Interception records on disk waiting for the database."
+    );
+    describe_counter!(
+        metric::BUDGET_STORE_ERRORS_TOTAL,
+        "Capped admissions that could not reach the shared budget store."
     );
     describe_gauge!(metric::SEATS_USED, "AI seats in use.");
     describe_gauge!(metric::SEATS_LIMIT, "Licensed AI seats (0 = unlimited).");

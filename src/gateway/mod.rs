@@ -41,7 +41,7 @@ use crate::governance::budget::LimitScope;
 use crate::governance::keyvault::KeyVault;
 use crate::governance::limits::ConcurrencyPermit;
 use crate::governance::pricing::{self, ModelPrice, PriceBook};
-use crate::governance::{Admission, Denial, Governance};
+use crate::governance::{Admission, Charge, Denial, Governance};
 use crate::money::NanoUsd;
 use crate::providers::{
     CredentialHeader, Endpoint, ErrorFormat, ParsedRequest, ProviderKind, ResponseParser,
@@ -96,13 +96,17 @@ impl GatewayState {
                 )
             })
             .collect();
+        let mut governance = Governance::new(&config);
+        if store.shares_spend() {
+            governance.share_spend_through(store.clone());
+        }
         GatewayState {
             keys: KeyCache::new(config.auth.key_cache_ttl),
             providers,
             store,
             db,
             recorder,
-            governance: Governance::new(&config),
+            governance,
             vault,
             stored_keys: StoredKeyCache::new(config.auth.key_cache_ttl),
             dns: DnsCache::new(Duration::from_secs(30)),
@@ -198,8 +202,8 @@ struct OpenInterception {
     parser: Option<Box<dyn ResponseParser>>,
     /// What the parser found, once the response is complete (or cut).
     summary: Option<ResponseSummary>,
-    /// The prices used and the cost charged, set together with `summary`.
-    charge: Option<(Option<ModelPrice>, NanoUsd)>,
+    /// The prices used, the cost charged and where, set together with `summary`.
+    charge: Option<(Option<ModelPrice>, NanoUsd, Option<Charge>)>,
     streaming: bool,
     upstream_status: Option<u16>,
     ttfb: Option<Duration>,
@@ -372,6 +376,12 @@ impl Gateway {
                 Utc::now(),
             )
             .map_err(denial_refusal)?;
+        let admission = self
+            .state
+            .governance
+            .admit_shared(admission)
+            .await
+            .map_err(denial_refusal)?;
         let mut open = self
             .open_interception(session, &routed, endpoint, request, principal, &credential)
             .await;
@@ -474,9 +484,10 @@ impl Gateway {
             Err(e) => {
                 tracing::error!(error = %e, "key lookup failed");
                 Err(Refusal::new(
-                    RefusalKind::UpstreamUnreachable,
-                    "Tollgate cannot check keys right now (database unavailable)",
-                ))
+                    RefusalKind::StoreUnavailable,
+                    "Tollgate cannot check this key right now (database unavailable); retry shortly",
+                )
+                .with_header("retry-after", "5"))
             }
         }
     }
@@ -626,13 +637,20 @@ impl Gateway {
         // Not in memory (older, or produced by another replica): ask the store once.
         let last = tool_result_ids.last()?.clone();
         let store = self.state.store.clone();
+        let db = &self.state.db;
         let found = self
             .state
-            .db
-            .spawn(async move { store.thread_of_tool_call(&last).await })
-            .await
-            .ok()?
-            .ok()??;
+            .store
+            .on_hot_path(async move {
+                db.spawn(async move { store.thread_of_tool_call(&last).await })
+                    .await
+                    .map_err(|e| {
+                        crate::store::StoreError::Invalid(format!(
+                            "lineage lookup task failed: {e}"
+                        ))
+                    })?
+            })
+            .await??;
         Some(ThreadLink {
             parent: found.0,
             root: found.1,
@@ -869,6 +887,9 @@ impl Gateway {
                 // follow-up tool result may arrive the moment the client has these bytes).
                 if let Some(o) = open.as_deref_mut() {
                     self.settle_response(o);
+                    if let Some((_, cost, Some(charge))) = &o.charge {
+                        self.state.governance.settle_shared(charge, *cost).await;
+                    }
                 }
                 Box::pin(self.release(upstream.take(), &peer)).await;
             }
@@ -997,10 +1018,8 @@ impl Gateway {
             .as_ref()
             .map(|p| pricing::cost(&usage, p))
             .unwrap_or(NanoUsd(0));
-        if let Some(a) = admission {
-            self.state.governance.settle(a, cost);
-        }
-        open.charge = Some((price, cost));
+        let charged = admission.map(|a| self.state.governance.settle(a, cost));
+        open.charge = Some((price, cost, charged));
         open.summary = Some(summary);
     }
 
@@ -1011,7 +1030,12 @@ impl Gateway {
         let summary = open.summary.take().unwrap_or_default();
         let status = open.status.unwrap_or(InterceptionStatus::ClientAborted);
         let usage = summary.usage.unwrap_or_default();
-        let (price, cost) = open.charge.take().unwrap_or((None, NanoUsd(0)));
+        let (price, cost, charged) = open.charge.take().unwrap_or((None, NanoUsd(0), None));
+        let ended_at = Utc::now();
+        let charged = charged.unwrap_or_else(|| Charge {
+            period_start: self.state.governance.period_start(ended_at),
+            shared_reservation: None,
+        });
         let error = open.error.take().or_else(|| {
             (!open.error_body.is_empty())
                 .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
@@ -1044,7 +1068,7 @@ impl Gateway {
             error,
             streaming: open.streaming,
             started_at: open.started_at,
-            ended_at: Utc::now(),
+            ended_at,
             ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
             response_id: summary.response_id,
             usage,
@@ -1053,6 +1077,8 @@ impl Gateway {
             thoughts: summary.thoughts,
             cost,
             price,
+            spend_period_start: charged.period_start,
+            shared_reservation: charged.shared_reservation,
         };
         open.route.series().inflight().decrement(1.0);
         telemetry::count_interception(
@@ -1154,6 +1180,11 @@ fn denial_refusal(denial: Denial) -> Refusal {
             RefusalKind::Unpriced,
             format!("model {model} has no price, and this gateway refuses unpriced models (budgets.unpriced = \"deny\")"),
         ),
+        Denial::BudgetUnavailable => Refusal::new(
+            RefusalKind::StoreUnavailable,
+            "the budget store cannot be reached, and this gateway refuses capped requests until it is back (budgets.when_database_down = \"refuse\")",
+        )
+        .with_header("retry-after", "5"),
     }
 }
 

@@ -18,6 +18,9 @@ pub enum RefusalKind {
     NotFound,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// The database cannot be reached for a decision that needs it (a key not seen before, or
+    /// a capped request with `budgets.when_database_down = "refuse"`): 503.
+    StoreUnavailable,
 }
 
 impl RefusalKind {
@@ -33,6 +36,7 @@ impl RefusalKind {
             RefusalKind::NotFound => 404,
             RefusalKind::UpstreamUnreachable => 502,
             RefusalKind::UpstreamTimeout => 504,
+            RefusalKind::StoreUnavailable => 503,
         }
     }
 
@@ -73,6 +77,7 @@ impl RefusalKind {
                 ("upstream_error", "upstream_unreachable", "api_error")
             }
             RefusalKind::UpstreamTimeout => ("upstream_error", "upstream_timeout", "api_error"),
+            RefusalKind::StoreUnavailable => ("api_error", "store_unavailable", "api_error"),
         }
     }
 
@@ -89,6 +94,7 @@ impl RefusalKind {
             RefusalKind::NotFound => "not_found",
             RefusalKind::UpstreamUnreachable => "upstream_unreachable",
             RefusalKind::UpstreamTimeout => "upstream_timeout",
+            RefusalKind::StoreUnavailable => "store_unavailable",
         }
     }
 }

@@ -253,6 +253,20 @@ impl SpendLedger {
         reservation.finish(actual);
     }
 
+    /// Raises the user's spend in `period_start`'s period to `spent` if the ledger knew less
+    /// (another replica's spend, seen in the shared store). Never lowers it: this replica's own
+    /// latest costs may not have reached the store yet.
+    pub fn observe_spent(&self, user: Uuid, period_start: DateTime<Utc>, spent: NanoUsd) {
+        let mut map = self.users.lock();
+        let entry = map
+            .entry(user)
+            .or_insert_with(|| UserSpend::new(period_start));
+        entry.roll_to(period_start);
+        if entry.period_start == period_start && entry.spent < spent {
+            entry.spent = spent;
+        }
+    }
+
     /// The user's `(spent, reserved)` as the ledger holds them, zero for unknown users. Spend is
     /// that of the last period the user was seen in; it does not roll over by itself.
     pub fn snapshot(&self, user: Uuid) -> (NanoUsd, NanoUsd) {

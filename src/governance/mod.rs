@@ -6,6 +6,13 @@
 //! background refresher (`refresh`) pulls caps and price overrides from the store every few
 //! seconds and reloads spend when a period rolls over.
 //!
+//! On PostgreSQL several replicas share one budget: after the in-memory check, a capped
+//! request also reserves its estimate in the database (`admit_shared`, one round trip, only
+//! for users with a cap), so the replicas together admit no more than one of them would. The
+//! recorder turns each reservation into the request's cost in the transaction that records
+//! it, and the refresher reloads every user's spend from the database. See
+//! `docs/replicas.md` for the overshoot bound and what happens while the database is down.
+//!
 //! Not here: rendering refusals (the gateway does, in the provider's format) or SQL (store).
 
 pub mod budget;
@@ -15,15 +22,16 @@ pub mod limits;
 pub mod pricing;
 pub mod seats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
-use crate::config::{BudgetConfig, Config, PriceOverride, UnpricedPolicy};
+use crate::config::{BudgetConfig, Config, DatabaseDownPolicy, PriceOverride, UnpricedPolicy};
 use crate::money::NanoUsd;
 use crate::store::{Principal, Store, StoreError};
 use budget::{BudgetLimits, LimitScope};
@@ -47,6 +55,8 @@ pub enum Denial {
     Unpriced {
         model: String,
     },
+    /// The shared budget store is down and `budgets.when_database_down = "refuse"`.
+    BudgetUnavailable,
 }
 
 /// A user's budget as the response headers and `/users/me/budget` show it.
@@ -72,6 +82,39 @@ impl BudgetView {
 pub struct Admission {
     reservation: Option<Reservation>,
     pub price: Option<ModelPrice>,
+    /// The cap check still to be made against the shared store (`admit_shared`).
+    capped: Option<CappedRequest>,
+    /// The request's reservation in the shared store.
+    shared: Option<Uuid>,
+}
+
+#[derive(Debug)]
+struct CappedRequest {
+    user: Uuid,
+    cap: NanoUsd,
+    scope: LimitScope,
+    estimate: NanoUsd,
+    period_start: DateTime<Utc>,
+    reset: DateTime<Utc>,
+}
+
+/// What a settled request was charged to, for its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub period_start: DateTime<Utc>,
+    /// Released by the recorder in the transaction that adds the cost to the shared total.
+    pub shared_reservation: Option<Uuid>,
+}
+
+/// The database several replicas share spend through (PostgreSQL only).
+struct SharedSpend {
+    store: Store,
+    /// This process, as its reservations name it.
+    replica: Uuid,
+    /// Reservations of requests in flight here, renewed by the refresher so they do not expire.
+    live: Mutex<HashSet<Uuid>>,
+    /// Unix seconds of the last "database down" warning, so an outage logs once per 10 s.
+    last_warned: AtomicI64,
 }
 
 /// Per-replica governance state.
@@ -85,6 +128,7 @@ pub struct Governance {
     concurrency: ConcurrencyLimiter,
     /// Start of the period the ledger was last hydrated for.
     hydrated_period: RwLock<Option<DateTime<Utc>>>,
+    shared: Option<SharedSpend>,
 }
 
 impl Governance {
@@ -104,9 +148,25 @@ impl Governance {
             rate: RateLimiter::new(config.limits.requests_per_minute),
             concurrency: ConcurrencyLimiter::new(config.limits.max_concurrent),
             hydrated_period: RwLock::new(None),
+            shared: None,
         };
         gov.apply_prices(&[]);
         gov
+    }
+
+    /// Makes `store` (PostgreSQL) the authority on spend across replicas.
+    pub fn share_spend_through(&mut self, store: Store) {
+        self.shared = Some(SharedSpend {
+            store,
+            replica: Uuid::new_v4(),
+            live: Mutex::new(HashSet::new()),
+            last_warned: AtomicI64::new(0),
+        });
+    }
+
+    /// Start of the budget period `at` falls in.
+    pub fn period_start(&self, at: DateTime<Utc>) -> DateTime<Utc> {
+        budget::period_bounds(self.budgets.period, at).0
     }
 
     pub fn prices(&self) -> Arc<PriceBook> {
@@ -151,6 +211,14 @@ impl Governance {
             // Unpriced (allowed) models cost nothing as far as the budget can tell.
             None => NanoUsd(0),
         };
+        let capped = cap.clone().map(|(cap, scope)| CappedRequest {
+            user: principal.user_id,
+            cap,
+            scope,
+            estimate,
+            period_start,
+            reset,
+        });
         let reservation = self
             .ledger
             .try_reserve(principal.user_id, cap, estimate, period_start)
@@ -158,13 +226,113 @@ impl Governance {
         Ok(Admission {
             reservation: Some(reservation),
             price,
+            capped,
+            shared: None,
         })
     }
 
-    /// Charges the real cost and releases the reservation.
-    pub fn settle(&self, mut admission: Admission, cost: NanoUsd) {
+    /// The second half of admission when replicas share spend: reserves a capped request's
+    /// estimate in the database, where every replica's reservations and recorded spend are.
+    /// A no-op without a shared store or without a cap.
+    pub async fn admit_shared(&self, mut admission: Admission) -> Result<Admission, Denial> {
+        let (Some(shared), Some(c)) = (&self.shared, admission.capped.take()) else {
+            return Ok(admission);
+        };
+        let id = Uuid::now_v7();
+        let answer = shared
+            .store
+            .on_hot_path(shared.store.reserve_shared(
+                id,
+                c.user,
+                c.period_start,
+                c.cap,
+                c.estimate,
+                shared.replica,
+                self.budgets.reservation_ttl,
+            ))
+            .await;
+        match answer {
+            Some(Some(r)) if r.admitted => {
+                shared.live.lock().insert(id);
+                admission.shared = Some(id);
+                self.ledger.observe_spent(c.user, c.period_start, r.spent);
+                Ok(admission)
+            }
+            Some(Some(r)) => {
+                self.ledger.observe_spent(c.user, c.period_start, r.spent);
+                self.release(admission);
+                // Reserved as the database counts it, less this replica's own share, which the
+                // refusal message already calls "your in-flight requests".
+                Err(Denial::Budget {
+                    refusal: BudgetRefusal {
+                        cap: c.cap,
+                        spent: r.spent,
+                        reserved: r.reserved,
+                        scope: c.scope,
+                    },
+                    reset: c.reset,
+                })
+            }
+            Some(None) => Ok(admission),
+            None => {
+                metrics::counter!(crate::telemetry::metric::BUDGET_STORE_ERRORS_TOTAL).increment(1);
+                let now = Utc::now().timestamp();
+                if now - shared.last_warned.swap(now, Ordering::Relaxed) >= 10 {
+                    tracing::warn!(policy = ?self.budgets.when_database_down, "shared budget store unreachable; capped requests decided by budgets.when_database_down");
+                }
+                match self.budgets.when_database_down {
+                    DatabaseDownPolicy::Local => Ok(admission),
+                    DatabaseDownPolicy::Refuse => {
+                        self.release(admission);
+                        Err(Denial::BudgetUnavailable)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives back an admission's money without charging anything.
+    fn release(&self, mut admission: Admission) {
         if let Some(r) = admission.reservation.take() {
-            self.ledger.settle(r, cost);
+            self.ledger.settle(r, NanoUsd::ZERO);
+        }
+    }
+
+    /// Charges the real cost and releases the reservation; says which period was charged (and
+    /// which shared reservation the record must release).
+    pub fn settle(&self, mut admission: Admission, cost: NanoUsd) -> Charge {
+        let period_start = match admission.reservation.take() {
+            Some(r) => {
+                let period = r.period_start();
+                self.ledger.settle(r, cost);
+                period
+            }
+            None => self.period_start(Utc::now()),
+        };
+        if let (Some(shared), Some(id)) = (&self.shared, admission.shared) {
+            shared.live.lock().remove(&id);
+        }
+        Charge {
+            period_start,
+            shared_reservation: admission.shared,
+        }
+    }
+
+    /// Tells the shared store a request ended and what it cost, so the next admission on any
+    /// replica counts it as spend rather than as a request in flight. Bounded in time (see
+    /// `Store::on_hot_path`): a slow database must not hold back the client's last byte, and
+    /// the recorder settles the reservation anyway.
+    pub async fn settle_shared(&self, charge: &Charge, cost: NanoUsd) {
+        let (Some(shared), Some(id)) = (&self.shared, charge.shared_reservation) else {
+            return;
+        };
+        if shared
+            .store
+            .on_hot_path(shared.store.settle_shared(id, cost))
+            .await
+            .is_none()
+        {
+            metrics::counter!(crate::telemetry::metric::BUDGET_STORE_ERRORS_TOTAL).increment(1);
         }
     }
 
@@ -215,10 +383,28 @@ impl Governance {
 
         let (period_start, _) = budget::period_bounds(self.budgets.period, now);
         let stale = self.hydrated_period.read().is_none_or(|p| p < period_start);
-        if stale {
-            let spent = store.spend_since(period_start).await?;
-            self.ledger.hydrate(period_start, spent);
-            *self.hydrated_period.write() = Some(period_start);
+        match &self.shared {
+            // Every replica writes spend: reload it every time, not only on roll-over.
+            Some(shared) => {
+                if stale {
+                    shared.store.reconcile_shared_spend(period_start).await?;
+                }
+                let live: Vec<Uuid> = shared.live.lock().iter().copied().collect();
+                shared
+                    .store
+                    .renew_shared_reservations(shared.replica, &live, self.budgets.reservation_ttl)
+                    .await?;
+                if let Some(spent) = shared.store.shared_spend(period_start).await? {
+                    self.ledger.hydrate(period_start, spent);
+                }
+                *self.hydrated_period.write() = Some(period_start);
+            }
+            None if stale => {
+                let spent = store.spend_since(period_start).await?;
+                self.ledger.hydrate(period_start, spent);
+                *self.hydrated_period.write() = Some(period_start);
+            }
+            None => {}
         }
         self.rate.retain_recent();
         Ok(())

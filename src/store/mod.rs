@@ -15,6 +15,8 @@ mod queries;
 mod record;
 mod recorder;
 mod retention;
+mod spend;
+mod spill;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -38,6 +40,7 @@ pub use queries::{
 pub use record::{CredentialKind, InterceptionRecord, InterceptionStatus};
 pub use recorder::{Recorder, RecorderHandle};
 pub use retention::{purge_once, run_retention, spawn_retention, RETENTION_PURGED_TOTAL};
+pub use spend::SharedReservation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -143,6 +146,9 @@ fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    /// Unix ms until which the request path should not wait on the database (see
+    /// [`Store::recently_failed`]).
+    down_until_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 #[derive(Clone, Debug)]
@@ -150,6 +156,11 @@ pub(crate) enum Backend {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
+
+/// How long the request path skips the database after a failed query.
+const HOT_PATH_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest a request waits for a query that has a fallback.
+const HOT_PATH_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Whether `url` names a PostgreSQL database (anything else is taken as SQLite).
 pub fn is_postgres_url(url: &str) -> bool {
@@ -183,6 +194,7 @@ impl Store {
             .connect_with(options)
             .await?;
         Ok(Store {
+            down_until_ms: Default::default(),
             backend: Backend::Sqlite(pool),
         })
     }
@@ -209,12 +221,53 @@ impl Store {
                 StoreError::Unavailable(format!("cannot connect to PostgreSQL at {target}: {e}"))
             })?;
         Ok(Store {
+            down_until_ms: Default::default(),
             backend: Backend::Postgres(pool),
         })
     }
 
     pub(crate) fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// True for a moment after a request-path query failed: lookups that have a fallback (a
+    /// stale key, no thread link, the local ledger) use it at once instead of each waiting for
+    /// a connection to a database that is down.
+    pub fn recently_failed(&self) -> bool {
+        chrono::Utc::now().timestamp_millis()
+            < self
+                .down_until_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a failed request-path query (see [`Store::recently_failed`]).
+    pub fn note_failure(&self) {
+        let until = chrono::Utc::now().timestamp_millis() + HOT_PATH_BACKOFF.as_millis() as i64;
+        self.down_until_ms
+            .store(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs a request-path query that has a fallback: skipped while the database recently
+    /// failed, bounded by [`HOT_PATH_TIMEOUT`], and noted when it fails.
+    pub async fn on_hot_path<T, F>(&self, query: F) -> Option<T>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        if self.recently_failed() {
+            return None;
+        }
+        match tokio::time::timeout(HOT_PATH_TIMEOUT, query).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "request-path query failed; using its fallback");
+                self.note_failure();
+                None
+            }
+            Err(_) => {
+                self.note_failure();
+                None
+            }
+        }
     }
 
     /// True when the store is PostgreSQL.

@@ -1,6 +1,7 @@
 //! The interception record: one finished provider call, as it is written to the database.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
@@ -10,7 +11,8 @@ use crate::money::NanoUsd;
 use crate::providers::{Thought, TokenUsage, ToolCall};
 
 /// How an interception ended (contract values).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum InterceptionStatus {
     Completed,
     UpstreamError,
@@ -40,7 +42,8 @@ impl InterceptionStatus {
 }
 
 /// Which provider key paid for the call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CredentialKind {
     Central,
     Byok,
@@ -56,18 +59,22 @@ impl CredentialKind {
 }
 
 /// One finished interception with everything the contract records.
-#[derive(Debug, Clone)]
+/// Serialisable for the recorder's spill files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InterceptionRecord {
     pub id: Uuid,
     pub user_id: Uuid,
     pub api_key_id: Option<Uuid>,
     /// The route name (config table name).
     pub provider: String,
-    pub provider_kind: &'static str,
-    pub endpoint: &'static str,
+    #[serde(deserialize_with = "interned")]
+    pub provider_kind: Label,
+    #[serde(deserialize_with = "interned")]
+    pub endpoint: Label,
     pub model: String,
     pub response_model: Option<String>,
-    pub client: &'static str,
+    #[serde(deserialize_with = "interned")]
+    pub client: Label,
     pub client_session_id: Option<String>,
     /// Client session id, else thread root id, else own id.
     pub session_key: String,
@@ -90,6 +97,29 @@ pub struct InterceptionRecord {
     pub cost: NanoUsd,
     /// The prices the cost was computed with; `None` = unpriced model.
     pub price: Option<ModelPrice>,
+    /// Start of the budget period the cost was charged to.
+    pub spend_period_start: DateTime<Utc>,
+    /// The shared (PostgreSQL) reservation this request held, released when it is recorded.
+    pub shared_reservation: Option<Uuid>,
+}
+
+/// A `&'static str` under another name: serde borrows fields spelled `&str` from the input,
+/// which spill files (read into a buffer) cannot lend.
+pub type Label = &'static str;
+
+/// The `&'static str` fields come from small fixed sets (provider kinds, endpoints, clients);
+/// reading them back from a spill file leaks each distinct value once.
+fn interned<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    static SEEN: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let value = String::deserialize(d)?;
+    let mut seen = SEEN.get_or_init(Default::default).lock();
+    if let Some(v) = seen.get(value.as_str()) {
+        return Ok(v);
+    }
+    let leaked: &'static str = Box::leak(value.into_boxed_str());
+    seen.insert(leaked);
+    Ok(leaked)
 }
 
 fn db_u64(v: u64) -> i64 {
@@ -109,6 +139,7 @@ pub(super) async fn insert_batch_sqlite(
         return Ok(());
     }
     let mut tx = pool.begin().await?;
+    let mut fresh = std::collections::HashSet::with_capacity(batch.len());
     for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT OR IGNORE INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
@@ -153,11 +184,22 @@ pub(super) async fn insert_batch_sqlite(
                 .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
                 .push_bind(r.price.as_ref().map(|p| p.cache_write.0));
         });
-        qb.build().execute(&mut *tx).await?;
+        qb.push(" RETURNING id");
+        for id in qb
+            .build_query_scalar::<String>()
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            fresh.insert(super::parse_uuid(&id)?);
+        }
     }
+    // Only rows inserted now get children: a batch replayed after a crash (spill file) or
+    // retried after an ambiguous commit must not duplicate them.
+    let batch: Vec<&InterceptionRecord> = batch.iter().filter(|r| fresh.contains(&r.id)).collect();
 
     let usages: Vec<&InterceptionRecord> = batch
         .iter()
+        .copied()
         .filter(|r| r.usage != TokenUsage::default())
         .collect();
     for chunk in usages.chunks(ROWS_PER_STATEMENT) {
@@ -180,6 +222,7 @@ pub(super) async fn insert_batch_sqlite(
 
     let prompts: Vec<(&InterceptionRecord, &String)> = batch
         .iter()
+        .copied()
         .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
         .collect();
     for chunk in prompts.chunks(ROWS_PER_STATEMENT) {
@@ -197,6 +240,7 @@ pub(super) async fn insert_batch_sqlite(
 
     let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
         .iter()
+        .copied()
         .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
         .collect();
     for chunk in tools.chunks(ROWS_PER_STATEMENT) {
@@ -217,6 +261,7 @@ pub(super) async fn insert_batch_sqlite(
 
     let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
         .iter()
+        .copied()
         .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
         .collect();
     for chunk in thoughts.chunks(ROWS_PER_STATEMENT) {
@@ -233,7 +278,7 @@ pub(super) async fn insert_batch_sqlite(
     }
     // Seat holders: first and last use per user in this batch.
     let mut seats: std::collections::HashMap<Uuid, (i64, i64)> = std::collections::HashMap::new();
-    for r in batch {
+    for r in &batch {
         let e = seats.entry(r.user_id).or_insert((i64::MAX, i64::MIN));
         e.0 = e.0.min(millis(r.started_at));
         e.1 = e.1.max(millis(r.ended_at));
@@ -275,6 +320,7 @@ pub(super) async fn insert_batch_postgres(
         return Ok(());
     }
     let mut tx = pool.begin().await?;
+    let mut fresh = std::collections::HashSet::with_capacity(batch.len());
     for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
@@ -319,13 +365,24 @@ pub(super) async fn insert_batch_postgres(
                 .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
                 .push_bind(r.price.as_ref().map(|p| p.cache_write.0));
         });
-        // A retried batch may repeat rows already committed: keep the first copy.
-        qb.push(" ON CONFLICT (id) DO NOTHING");
-        qb.build().execute(&mut *tx).await?;
+        // A retried or replayed batch may repeat rows already committed: keep the first copy.
+        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+        fresh.extend(qb.build_query_scalar::<Uuid>().fetch_all(&mut *tx).await?);
     }
+    // The reservations of these requests become their cost, below, in the same transaction.
+    let reservations: Vec<Uuid> = batch.iter().filter_map(|r| r.shared_reservation).collect();
+    if !reservations.is_empty() {
+        sqlx::query("DELETE FROM spend_reservations WHERE id = ANY($1)")
+            .bind(&reservations)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let batch: Vec<&InterceptionRecord> = batch.iter().filter(|r| fresh.contains(&r.id)).collect();
+    add_spend_postgres(&mut tx, &batch).await?;
 
     let usages: Vec<&InterceptionRecord> = batch
         .iter()
+        .copied()
         .filter(|r| r.usage != TokenUsage::default())
         .collect();
     for chunk in usages.chunks(ROWS_PER_STATEMENT) {
@@ -348,6 +405,7 @@ pub(super) async fn insert_batch_postgres(
 
     let prompts: Vec<(&InterceptionRecord, &String)> = batch
         .iter()
+        .copied()
         .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
         .collect();
     for chunk in prompts.chunks(ROWS_PER_STATEMENT) {
@@ -365,6 +423,7 @@ pub(super) async fn insert_batch_postgres(
 
     let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
         .iter()
+        .copied()
         .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
         .collect();
     for chunk in tools.chunks(ROWS_PER_STATEMENT) {
@@ -385,6 +444,7 @@ pub(super) async fn insert_batch_postgres(
 
     let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
         .iter()
+        .copied()
         .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
         .collect();
     for chunk in thoughts.chunks(ROWS_PER_STATEMENT) {
@@ -402,7 +462,7 @@ pub(super) async fn insert_batch_postgres(
     // Seat holders: first and last use per user in this batch.
     type Span = (DateTime<Utc>, DateTime<Utc>);
     let mut seats: std::collections::HashMap<Uuid, Span> = std::collections::HashMap::new();
-    for r in batch {
+    for r in &batch {
         let e = seats
             .entry(r.user_id)
             .or_insert((to_ms(r.started_at), to_ms(r.ended_at)));
@@ -424,5 +484,39 @@ pub(super) async fn insert_batch_postgres(
         qb.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// Adds each newly recorded interception's cost to its user's total for the period it was
+/// charged to: the authoritative spend every replica admits against.
+async fn add_spend_postgres(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &[&InterceptionRecord],
+) -> Result<(), StoreError> {
+    let mut sums: std::collections::HashMap<(Uuid, DateTime<Utc>), i64> =
+        std::collections::HashMap::new();
+    for r in batch.iter().filter(|r| r.cost.0 > 0) {
+        let e = sums.entry((r.user_id, r.spend_period_start)).or_insert(0);
+        *e = e.saturating_add(r.cost.0);
+    }
+    if sums.is_empty() {
+        return Ok(());
+    }
+    // Sorted, so two replicas' batches lock the same rows in the same order (no deadlock).
+    let mut sums: Vec<((Uuid, DateTime<Utc>), i64)> = sums.into_iter().collect();
+    sums.sort_unstable_by_key(|(k, _)| *k);
+    for chunk in sums.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO spend_totals (user_id, period_start, spent_nano_usd) ",
+        );
+        qb.push_values(chunk, |mut b, ((user, period), cost)| {
+            b.push_bind(*user).push_bind(*period).push_bind(*cost);
+        });
+        qb.push(
+            " ON CONFLICT (user_id, period_start) DO UPDATE \
+             SET spent_nano_usd = spend_totals.spent_nano_usd + excluded.spent_nano_usd",
+        );
+        qb.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }

@@ -1,0 +1,489 @@
+//! Several replicas on one PostgreSQL, and a PostgreSQL that goes away under traffic.
+//!
+//! These tests need the PostgreSQL half of the suite (`TOLLGATE_TEST_DATABASE_URL`, as `.ci/run`
+//! sets it); on SQLite alone there is nothing to share and they say so and return. The restart
+//! test starts its own private PostgreSQL (scripts/test-postgres on another port), since
+//! stopping the shared one would break every other test running at the same time.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mock::{MockResponse, MockUpstream};
+use common::server::{fresh_postgres_database, on_postgres, Tollgate};
+use serde_json::{json, Value};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+fn messages_request() -> Value {
+    json!({
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 1024,
+        "messages": [{"role": "user", "content": "Fix the flaky test."}]
+    })
+}
+
+/// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/gateway.rs).
+const CALL_COST: i64 = 14_205_000;
+
+fn skip_without_postgres(test: &str) -> bool {
+    if on_postgres() {
+        return false;
+    }
+    eprintln!("{test}: skipped: needs TOLLGATE_TEST_DATABASE_URL (the PostgreSQL half of .ci/run)");
+    true
+}
+
+async fn send(client: &reqwest::Client, gateway: &str, key: &str) -> u16 {
+    client
+        .post(format!("{gateway}/anthropic/v1/messages"))
+        .header("x-api-key", key)
+        .json(&messages_request())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Three gateways on one database, started after the first one created it.
+async fn three_replicas(upstream: &MockUpstream, extra: &str) -> Vec<Tollgate> {
+    let a = Tollgate::builder()
+        .provider("anthropic", "anthropic", &upstream.base_url())
+        .extra(extra)
+        .start()
+        .await;
+    let mut replicas = vec![];
+    for _ in 0..2 {
+        replicas.push(
+            Tollgate::builder()
+                .provider("anthropic", "anthropic", &upstream.base_url())
+                .database_url(&a.db_url)
+                .extra(extra)
+                .start()
+                .await,
+        );
+    }
+    replicas.insert(0, a);
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_spend_one_budget_no_further_than_one_alone() {
+    if skip_without_postgres("three_replicas_spend_one_budget") {
+        return;
+    }
+    let upstream = MockUpstream::always(
+        MockResponse::fixture("anthropic-messages.json")
+            .first_byte_delay(Duration::from_millis(40)),
+    )
+    .await;
+    // $0.15 covers 10 calls (10 × $0.014205); the 11th would pass the cap.
+    let cap: i64 = 150_000_000;
+    let replicas = three_replicas(
+        &upstream,
+        "[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0",
+    )
+    .await;
+    let key = replicas[0].user_key("burst");
+    let client = http();
+
+    // A burst of 150 requests spread over the three replicas at once.
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let (client, gw, key) = (client.clone(), replicas[i % 3].gateway.clone(), key.clone());
+        tasks.push(tokio::spawn(async move { send(&client, &gw, &key).await }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => served += 1,
+            402 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(
+        upstream.request_count(),
+        served,
+        "refused requests never reached the upstream"
+    );
+    // One replica alone admits 9 of such a burst (estimates of ~$0.0155 fit 9 times); three
+    // together must not admit more, as three independent ledgers (27) would.
+    assert!((1..=10).contains(&served), "{served} served in the burst");
+
+    // Then one at a time, round robin, until every replica refuses.
+    let mut later = 0;
+    let mut refusals_in_a_row = 0;
+    let mut i = 0;
+    while refusals_in_a_row < 3 {
+        match send(&client, &replicas[i % 3].gateway, &key).await {
+            200 => {
+                later += 1;
+                refusals_in_a_row = 0;
+            }
+            402 => refusals_in_a_row += 1,
+            other => panic!("unexpected {other}"),
+        }
+        i += 1;
+        assert!(
+            served + later <= 12,
+            "the cap never stopped sequential requests"
+        );
+    }
+    replicas[0]
+        .wait_until_recorded((served + later) as i64)
+        .await;
+    let spent: i64 = replicas[0]
+        .scalar(
+            "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) FROM interceptions",
+            &[],
+        )
+        .await;
+    assert_eq!(spent, (served + later) as i64 * CALL_COST);
+    // The documented bound (docs/replicas.md): with the database up, N replicas overshoot no
+    // more than one alone: at most one request's cost past the cap; and the cap is used up.
+    assert!(
+        spent <= cap + CALL_COST,
+        "spent {spent} > cap {cap} + one call"
+    );
+    assert!(spent >= cap, "spent {spent} stopped short of the cap {cap}");
+    // The shared total the replicas admit against agrees with the interceptions, and no
+    // reservation is left behind.
+    let total: i64 = replicas[0]
+        .scalar(
+            "SELECT CAST(COALESCE(SUM(spent_nano_usd), 0) AS BIGINT) FROM spend_totals",
+            &[],
+        )
+        .await;
+    assert_eq!(total, spent);
+    let open: i64 = replicas[0]
+        .scalar("SELECT COUNT(*) FROM spend_reservations", &[])
+        .await;
+    assert_eq!(open, 0, "reservations released when recorded");
+    // Every replica reports the same spend to the user within a refresh.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for tg in &replicas {
+        let me: Value = client
+            .get(format!("{}/api/v2/users/me/budget", tg.admin))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(me["spent_nano_usd"], json!(spent), "{me}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_made_through_one_replica_reach_the_others_within_5_s() {
+    if skip_without_postgres("changes_made_through_one_replica_reach_the_others") {
+        return;
+    }
+    let upstream = MockUpstream::always(MockResponse::fixture("anthropic-messages.json")).await;
+    // The harness sets auth.key_cache_ttl_ms = 1000; the contract allows up to 5 s.
+    let replicas = three_replicas(&upstream, "").await;
+    let (a, c) = (&replicas[0], &replicas[2]);
+    let admin = a.admin_key("root");
+    let key = a.user_key("ann");
+    let client = http();
+    for tg in &replicas {
+        assert_eq!(send(&client, &tg.gateway, &key).await, 200);
+    }
+    let users: Value = client
+        .get(format!("{}/api/v2/users", a.admin))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ann = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "ann")
+        .unwrap_or_else(|| panic!("ann in {users}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A cap of zero set through A: C refuses the user's next requests within 5 s.
+    let resp = client
+        .post(format!("{}/api/v2/budgets", a.admin))
+        .bearer_auth(&admin)
+        .json(&json!({"scope": "user", "scope_id": ann, "limit_usd": "0"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let set = Instant::now();
+    while send(&client, &c.gateway, &key).await != 402 {
+        assert!(
+            set.elapsed() < Duration::from_secs(5),
+            "C still admits after {:?}",
+            set.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = client
+        .delete(format!("{}/api/v2/budgets/user/{ann}", a.admin))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let lifted = Instant::now();
+    while send(&client, &c.gateway, &key).await != 200 {
+        assert!(lifted.elapsed() < Duration::from_secs(5), "C still refuses");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The key revoked through A's API: C refuses it within 5 s.
+    let keys: Value = client
+        .get(format!("{}/api/v2/users/{ann}/keys", a.admin))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key_id = keys["keys"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{keys}"))
+        .to_string();
+    let resp = client
+        .delete(format!("{}/api/v2/users/{ann}/keys/{key_id}", a.admin))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let revoked = Instant::now();
+    loop {
+        let status = send(&client, &c.gateway, &key).await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "C still accepts the revoked key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "revocation through A refused by C after {:?}",
+        revoked.elapsed()
+    );
+    for tg in &replicas {
+        assert_eq!(send(&client, &tg.gateway, &key).await, 401);
+    }
+}
+
+/// A private PostgreSQL on its own port and directory, stopped and deleted on drop.
+struct PrivatePostgres {
+    port: u16,
+    dir: String,
+}
+
+impl PrivatePostgres {
+    fn script(&self, action: &str) -> std::process::Output {
+        Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/test-postgres"
+        ))
+        .arg(action)
+        .env("TOLLGATE_PG_PORT", self.port.to_string())
+        .env("TOLLGATE_PG_DIR", &self.dir)
+        .output()
+        .expect("run scripts/test-postgres")
+    }
+
+    fn start() -> PrivatePostgres {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = PrivatePostgres {
+            port,
+            dir: format!("/tmp/tollgate-pg-restart-{port}"),
+        };
+        pg.up();
+        pg
+    }
+
+    fn up(&self) {
+        let out = self.script("start");
+        assert!(out.status.success(), "private PostgreSQL start: {out:?}");
+    }
+
+    fn down(&self) {
+        let out = self.script("stop");
+        assert!(out.status.success(), "private PostgreSQL stop: {out:?}");
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://tollgate:tollgate@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.script("clean");
+    }
+}
+
+async fn readyz(client: &reqwest::Client, tg: &Tollgate) -> u16 {
+    client
+        .get(format!("{}/readyz", tg.admin))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interceptions_made_while_postgres_is_down_are_all_recorded_when_it_returns() {
+    if skip_without_postgres("interceptions_made_while_postgres_is_down") {
+        return;
+    }
+    let pg = PrivatePostgres::start();
+    let upstream = MockUpstream::always(MockResponse::fixture("anthropic-messages.json")).await;
+    let tg = Tollgate::builder()
+        .provider("anthropic", "anthropic", &upstream.base_url())
+        .database_url(&fresh_postgres_database(&pg.url()).await)
+        .extra("[recorder]\nspill_after_ms = 500\n[limits]\nrequests_per_minute = 0")
+        .start()
+        .await;
+    let key = tg.user_key("steady");
+    let client = http();
+    assert_eq!(readyz(&client, &tg).await, 200);
+
+    // Steady traffic: 4 clients, one request every 20 ms each, for the whole test.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (client, gw, key) = (client.clone(), tg.gateway.clone(), key.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match send(&client, &gw, &key).await {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_outage = ok.load(Ordering::Relaxed);
+    pg.down();
+    // Readiness says so while it is down.
+    let down_at = Instant::now();
+    while readyz(&client, &tg).await != 503 {
+        assert!(
+            down_at.elapsed() < Duration::from_secs(5),
+            "/readyz never reported the database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during_outage = ok.load(Ordering::Relaxed) - before_outage;
+    pg.up();
+    let up_at = Instant::now();
+    while readyz(&client, &tg).await != 200 {
+        assert!(
+            up_at.elapsed() < Duration::from_secs(10),
+            "/readyz never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let served = ok.load(Ordering::Relaxed);
+    // The gateway kept serving through the outage (cached keys, spilled records).
+    assert!(
+        during_outage > 20,
+        "only {during_outage} served while the database was down"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "every request was served"
+    );
+    assert_eq!(upstream.request_count(), served);
+
+    // Every interception the clients received is in the database, exactly once.
+    let pool = sqlx::PgPool::connect(&tg.db_url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM interceptions")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if n as usize == served {
+            break;
+        }
+        assert!(
+            n as usize <= served,
+            "{n} recorded for {served} served: duplicates"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{n} of {served} interceptions recorded:\n{}",
+            tg.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let usages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM token_usages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(usages as usize, served, "children written once each");
+    let spent: i64 =
+        sqlx::query_scalar("SELECT COALESCE(SUM(spent_nano_usd), 0)::bigint FROM spend_totals")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        spent,
+        served as i64 * CALL_COST,
+        "the shared spend counts every call once"
+    );
+    let spill: String = tg
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("spilled"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        spill.contains("spilled to disk"),
+        "records went through the spill:\n{spill}"
+    );
+    pool.close().await;
+    eprintln!(
+        "served {served} ({during_outage} while PostgreSQL was down); all recorded after it returned"
+    );
+}
