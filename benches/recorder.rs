@@ -8,6 +8,10 @@
 //! 65,536, batch 512), drains, and checks that every record landed. The figure includes the
 //! queue, batching, the multi-row inserts of interceptions and child rows, and the commits.
 //! Run with `cargo bench --bench recorder`.
+//!
+//! On PostgreSQL it also times what sharing a budget between replicas costs a capped request:
+//! the reservation at admission (`tollgate_reserve`) and the settle before the last byte, each
+//! one round trip, sequentially for 2,000 requests of 50 users; it reports p50/p99 per request.
 
 use std::time::Instant;
 
@@ -132,6 +136,49 @@ async fn run(name: &str, store: Store, n: usize) -> f64 {
     rate
 }
 
+/// Reserve + settle round trips, as a capped request on PostgreSQL makes them.
+async fn shared_admission(store: &Store) {
+    let users: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let replica = Uuid::new_v4();
+    let period = Utc::now();
+    let mut reserve = Vec::with_capacity(2_000);
+    let mut settle = Vec::with_capacity(2_000);
+    for i in 0..2_000 {
+        let id = Uuid::now_v7();
+        let t = Instant::now();
+        let r = store
+            .reserve_shared(
+                id,
+                users[i % users.len()],
+                period,
+                NanoUsd(1_000_000_000_000),
+                NanoUsd(15_000_000),
+                replica,
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .expect("reserve")
+            .expect("postgres");
+        assert!(r.admitted);
+        reserve.push(t.elapsed());
+        let t = Instant::now();
+        store
+            .settle_shared(id, NanoUsd(14_205_000))
+            .await
+            .expect("settle");
+        settle.push(t.elapsed());
+    }
+    for (what, mut v) in [("reserve", reserve), ("settle", settle)] {
+        v.sort();
+        println!(
+            "shared_admission/{what}: p50 {:.0} µs, p99 {:.0} µs ({} capped requests, loopback PostgreSQL)",
+            v[v.len() / 2].as_secs_f64() * 1e6,
+            v[v.len() * 99 / 100].as_secs_f64() * 1e6,
+            v.len()
+        );
+    }
+}
+
 fn main() {
     let n: usize = std::env::var("TOLLGATE_BENCH_RECORDS")
         .ok()
@@ -166,6 +213,7 @@ fn main() {
                     .await
                     .expect("open postgres");
                 run("postgres", store.clone(), n).await;
+                shared_admission(&store).await;
                 drop(store);
                 // Give the pool a moment to close before dropping its database.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -139,6 +139,7 @@ async fn three_replicas_spend_one_budget_no_further_than_one_alone() {
             "the cap never stopped sequential requests"
         );
     }
+    eprintln!("three replicas: {served} admitted in the burst of 150, then {later} one at a time");
     replicas[0]
         .wait_until_recorded((served + later) as i64)
         .await;
