@@ -29,6 +29,9 @@ pub struct Health {
     /// Why the database is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
+    /// Why interceptions are not being written (held in memory or spilled to disk meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorder: Option<String>,
 }
 
 /// Prometheus metrics (text exposition format).
@@ -59,10 +62,12 @@ pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         database: None,
+        recorder: None,
     })
 }
 
-/// Readiness: the database answers and the schema is in place.
+/// Readiness: the database answers, the schema is in place, and the recorder can write (a
+/// replica whose writes fail, e.g. a locked or full SQLite file, should get no new traffic).
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -74,27 +79,30 @@ pub async fn healthz() -> Json<Health> {
     )
 )]
 pub async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
-    let problem =
+    let database =
         match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("timed out".to_string()),
         };
-    match problem {
-        None => Json(Health {
+    let recorder = state.recorder.problem();
+    if database.is_none() && recorder.is_none() {
+        return Json(Health {
             status: "ready".into(),
             database: None,
+            recorder: None,
         })
-        .into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "unavailable".into(),
-                database: Some(reason),
-            }),
-        )
-            .into_response(),
+        .into_response();
     }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(Health {
+            status: "unavailable".into(),
+            database,
+            recorder,
+        }),
+    )
+        .into_response()
 }
 
 /// The proxy front door's CA certificate (PEM), for clients to trust.

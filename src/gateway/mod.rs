@@ -67,7 +67,7 @@ pub struct GatewayState {
     pub store: Store,
     /// The runtime that owns the database pool; cache misses run there.
     pub db: tokio::runtime::Handle,
-    recorder: Recorder,
+    pub recorder: Recorder,
     pub governance: Governance,
     /// Decrypts stored personal provider keys (present when user keys are allowed).
     pub vault: Option<KeyVault>,

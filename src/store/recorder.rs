@@ -12,7 +12,10 @@
 //! the spill directory is full or unwritable and the queue overflows meanwhile (both counted).
 //! On shutdown the writer drains the queue completely, to the database or to disk.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -26,6 +29,14 @@ use crate::telemetry::metric;
 #[derive(Clone, Debug)]
 pub struct Recorder {
     tx: mpsc::Sender<InterceptionRecord>,
+    health: Arc<Health>,
+}
+
+/// What the writer last saw, for `/readyz`.
+#[derive(Debug, Default)]
+struct Health {
+    /// The last write error, while writes are failing or records wait on disk.
+    problem: Mutex<Option<String>>,
 }
 
 /// Owned by whoever started the writer; `drain` flushes everything and stops it.
@@ -57,7 +68,9 @@ impl Recorder {
             tracing::info!(records = spill.pending(), dir = %config.spill_dir.display(), "spilled interceptions from an earlier run will be written");
         }
         metrics::gauge!(metric::RECORDER_SPILL_PENDING).set(spill.pending() as f64);
+        let health = Arc::new(Health::default());
         let writer = Writer {
+            health: health.clone(),
             store,
             spill,
             batch_size: config.batch_size,
@@ -66,12 +79,17 @@ impl Recorder {
         };
         let join = tokio::spawn(write_loop(writer, rx, drain_rx));
         (
-            Recorder { tx },
+            Recorder { tx, health },
             RecorderHandle {
                 drain: drain_tx,
                 join,
             },
         )
+    }
+
+    /// Why interceptions are not reaching the database right now (`None`: they are).
+    pub fn problem(&self) -> Option<String> {
+        self.health.problem.lock().clone()
     }
 
     /// Queues a record without waiting. Returns false if it had to be dropped.
@@ -146,6 +164,7 @@ async fn write_loop(
 
 /// The writer task's state.
 struct Writer {
+    health: Arc<Health>,
     store: Store,
     spill: Spill,
     batch_size: usize,
@@ -170,10 +189,12 @@ impl Writer {
             match self.store.insert_interceptions(batch).await {
                 Ok(()) => {
                     metrics::counter!(metric::RECORDER_WRITTEN_TOTAL).increment(batch.len() as u64);
+                    self.healthy();
                     return;
                 }
                 Err(e) => {
                     metrics::counter!(metric::RECORDER_WRITE_ERRORS_TOTAL).increment(1);
+                    self.failing(&e);
                     let waited = started.elapsed();
                     if (draining || waited >= self.spill_after) && self.spill_batch(batch) {
                         tracing::warn!(error = %e, records = batch.len(), "database unavailable; interceptions spilled to disk until it is back");
@@ -238,6 +259,7 @@ impl Writer {
             for chunk in records.chunks(self.batch_size.max(1)) {
                 if let Err(e) = self.store.insert_interceptions(chunk).await {
                     metrics::counter!(metric::RECORDER_WRITE_ERRORS_TOTAL).increment(1);
+                    self.failing(&e);
                     tracing::debug!(error = %e, "database still unavailable; spilled records wait");
                     self.next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
                     return;
@@ -255,6 +277,18 @@ impl Writer {
                 left = self.spill.pending(),
                 "spilled interceptions written"
             );
+        }
+        self.healthy();
+    }
+
+    fn failing(&self, e: &super::StoreError) {
+        *self.health.problem.lock() = Some(format!("cannot write interceptions: {e}"));
+    }
+
+    /// Clears the problem once writes work and nothing waits on disk.
+    fn healthy(&self) {
+        if self.spill.pending() == 0 {
+            *self.health.problem.lock() = None;
         }
     }
 }
