@@ -201,24 +201,7 @@ async fn changes_made_through_one_replica_reach_the_others_within_5_s() {
     for tg in &replicas {
         assert_eq!(send(&client, &tg.gateway, &key).await, 200);
     }
-    let users: Value = client
-        .get(format!("{}/api/v2/users", a.admin))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ann = users["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["username"] == "ann")
-        .unwrap_or_else(|| panic!("ann in {users}"))["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let ann = users_id(&client, a, &admin, "ann").await;
 
     // A cap of zero set through A: C refuses the user's next requests within 5 s.
     let resp = client
@@ -248,6 +231,88 @@ async fn changes_made_through_one_replica_reach_the_others_within_5_s() {
     let lifted = Instant::now();
     while send(&client, &c.gateway, &key).await != 200 {
         assert!(lifted.elapsed() < Duration::from_secs(5), "C still refuses");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A price set through A: C charges it within 5 s (free, so the cost says which price).
+    let resp = client
+        .put(format!(
+            "{}/api/v2/pricing/claude-sonnet-4-5-20250929",
+            a.admin
+        ))
+        .bearer_auth(&admin)
+        .json(&json!({"input": "0", "output": "0", "cache_read": "0", "cache_write": "0"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let priced = Instant::now();
+    loop {
+        let resp = client
+            .post(format!("{}/anthropic/v1/messages", c.gateway))
+            .header("x-api-key", &key)
+            .json(&messages_request())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-tollgate-interception-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let cost: i64 = loop {
+            let found: Vec<i64> = a
+                .column(
+                    "SELECT cost_nano_usd FROM interceptions WHERE CAST(id AS TEXT) = ?",
+                    &[&id],
+                )
+                .await;
+            if let Some(c) = found.first() {
+                break *c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "interception {id} never recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        if cost == 0 {
+            break;
+        }
+        assert_eq!(cost, CALL_COST);
+        assert!(
+            priced.elapsed() < Duration::from_secs(5),
+            "C still charges the old price"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An admin demoted through A loses admin rights on C within 5 s.
+    let root = client
+        .get(format!("{}/api/v2/users/me/budget", c.admin))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(root.status(), 200);
+    let other_admin = a.admin_key("deputy");
+    let deputy = users_id(&client, a, &admin, "deputy").await;
+    assert_eq!(admin_list_status(&client, c, &other_admin).await, 200);
+    let resp = client
+        .patch(format!("{}/api/v2/users/{deputy}", a.admin))
+        .bearer_auth(&admin)
+        .json(&json!({"is_admin": false}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let demoted = Instant::now();
+    while admin_list_status(&client, c, &other_admin).await != 403 {
+        assert!(
+            demoted.elapsed() < Duration::from_secs(5),
+            "C still treats deputy as admin"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -292,6 +357,38 @@ async fn changes_made_through_one_replica_reach_the_others_within_5_s() {
     for tg in &replicas {
         assert_eq!(send(&client, &tg.gateway, &key).await, 401);
     }
+}
+
+async fn users_id(client: &reqwest::Client, tg: &Tollgate, admin: &str, name: &str) -> String {
+    let users: Value = client
+        .get(format!("{}/api/v2/users", tg.admin))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == name)
+        .unwrap_or_else(|| panic!("{name} in {users}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn admin_list_status(client: &reqwest::Client, tg: &Tollgate, key: &str) -> u16 {
+    client
+        .get(format!("{}/api/v2/users", tg.admin))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 /// A private PostgreSQL on its own port and directory, stopped and deleted on drop.
