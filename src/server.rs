@@ -233,7 +233,7 @@ fn warn_about_missing_keys(state: &GatewayState) {
     for route in state.providers() {
         let needs_central =
             policy.central_api_key_enabled && route.kind != crate::providers::ProviderKind::Copilot;
-        if needs_central && route.central_key.is_none() {
+        if needs_central && route.keys.is_empty() {
             let env = state
                 .config
                 .providers

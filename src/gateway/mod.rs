@@ -14,6 +14,8 @@
 //!
 //! Not here: provider wire formats (`providers`), key storage (`store`), pricing (`governance`).
 
+mod breaker;
+mod keypool;
 mod lineage;
 mod refusal;
 mod upstream;
@@ -51,6 +53,7 @@ use crate::store::{
     mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus, Principal, Recorder, Store,
 };
 use crate::telemetry::{self, metric};
+use keypool::NoKey;
 
 pub use lineage::{ThreadIndex, ThreadLink};
 pub use refusal::{Refusal, RefusalKind};
@@ -195,6 +198,8 @@ struct OpenInterception {
     credential_kind: CredentialKind,
     credential_hint: Option<String>,
     admission: Option<Admission>,
+    /// The circuit breaker's permission, reported with the upstream's answer.
+    breaker: Option<breaker::Ticket>,
     parser: Option<Box<dyn ResponseParser>>,
     /// What the parser found, once the response is complete (or cut).
     summary: Option<ResponseSummary>,
@@ -238,6 +243,10 @@ struct Routed {
 struct Credential {
     key: Option<String>,
     kind: CredentialKind,
+    /// Masked for the record (`sk-…abcd`).
+    hint: Option<String>,
+    /// Index in the provider's central key pool (pooled keys fail over; personal keys do not).
+    pool_slot: Option<usize>,
 }
 
 /// Upper bound of an upstream error body kept for the record.
@@ -329,7 +338,12 @@ impl Gateway {
                 .check_rate(principal.user_id)
                 .map_err(denial_refusal)?,
         );
-        let body = read_body(session, self.state.config.limits.max_body_bytes).await?;
+        let body = read_body(
+            session,
+            self.state.config.limits.max_body_bytes,
+            self.state.config.server.client_body_timeout,
+        )
+        .await?;
         let credential = self
             .credential(
                 &routed.route,
@@ -361,6 +375,11 @@ impl Gateway {
             Some(rewritten) => Bytes::from(rewritten),
             None => body,
         };
+        let breaker_ticket = routed
+            .route
+            .breakers
+            .admit(&request.model)
+            .map_err(|wait| circuit_open_refusal(&routed.route.name, &request.model, wait))?;
         let admission = self
             .state
             .governance
@@ -376,6 +395,7 @@ impl Gateway {
             .open_interception(session, &routed, endpoint, request, principal, &credential)
             .await;
         open.admission = Some(admission);
+        open.breaker = breaker_ticket;
         ctx.interception = Some(open);
         self.exchange(
             session,
@@ -504,8 +524,10 @@ impl Gateway {
             // Copilot: the client's own GitHub token is always the credential.
             return match bearer.filter(|t| !t.is_empty()) {
                 Some(token) => Ok(Credential {
+                    hint: Some(mask_secret(&token)),
                     key: Some(token),
                     kind: CredentialKind::Byok,
+                    pool_slot: None,
                 }),
                 None => Err(Refusal::new(
                     RefusalKind::KeyPolicy,
@@ -532,12 +554,9 @@ impl Gateway {
             }
             None => None,
         };
-        choose_credential(
-            self.state.config.keys,
-            user_key,
-            route.central_key.as_deref(),
-            &route.name,
-        )
+        choose_credential(self.state.config.keys, user_key, || {
+            central_credential(route)
+        })
     }
 
     /// The user's stored provider key for `provider`, decrypted (cached briefly).
@@ -598,12 +617,9 @@ impl Gateway {
             client,
             thread,
             credential_kind: credential.kind,
-            credential_hint: match credential.kind {
-                // The central key's mask is computed once per route.
-                CredentialKind::Central => routed.route.central_key_hint.clone(),
-                CredentialKind::Byok => credential.key.as_deref().map(mask_secret),
-            },
+            credential_hint: credential.hint.clone(),
             admission: None,
+            breaker: None,
             parser: None,
             summary: None,
             charge: None,
@@ -660,61 +676,131 @@ impl Gateway {
             }
         };
         let peer = route.peer(addr);
-        let req = session.req_header();
-        let head = upstream::upstream_request(
-            &req.method,
-            &route.upstream_path(&routed.rest),
-            &req.headers,
-            route,
-            credential.key.as_deref(),
-            body.len(),
-        )
-        .map_err(|e| {
-            Refusal::new(
-                RefusalKind::BadRequest,
-                format!("cannot forward request headers: {e}"),
+        let mut key = credential.key.clone();
+        let mut slot = credential.pool_slot;
+        let mut tried: Vec<usize> = Vec::new();
+        // One attempt per central key at most: an upstream 429/401/403 on a pooled key retries
+        // the (buffered) request on the next usable key before anything reaches the client.
+        let mut up = loop {
+            let req = session.req_header();
+            let head = upstream::upstream_request(
+                &req.method,
+                &route.upstream_path(&routed.rest),
+                &req.headers,
+                route,
+                key.as_deref(),
+                body.len(),
             )
-        })?;
+            .map_err(|e| {
+                Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("cannot forward request headers: {e}"),
+                )
+            })?;
 
-        // While the upstream thinks (a long generation can take minutes before its first byte),
-        // watch the client: if it goes away, stop waiting and stop paying for the call.
-        let sent = {
-            // Boxed: the connect-and-send future is ~10 KB, and inline it would stay part of
-            // this request's future (and its memory) for the whole life of a stream.
-            let mut send = Box::pin(self.send(&peer, head, body));
-            tokio::select! {
-                sent = &mut send => sent,
-                gone = session.as_downstream_mut().read_body_or_idle(true) => {
-                    let e = match gone {
-                        Err(e) => e,
-                        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data while waiting for a response"),
+            // While the upstream thinks (a long generation can take minutes before its first
+            // byte), watch the client: if it goes away, stop waiting and stop paying for the call.
+            let sent = {
+                // Boxed: the connect-and-send future is ~10 KB, and inline it would stay part of
+                // this request's future (and its memory) for the whole life of a stream.
+                let mut send =
+                    Box::pin(self.send(&peer, head, body.clone(), route.first_byte_timeout));
+                tokio::select! {
+                    sent = &mut send => sent,
+                    gone = session.as_downstream_mut().read_body_or_idle(true) => {
+                        let e = match gone {
+                            Err(e) => e,
+                            Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data while waiting for a response"),
+                        };
+                        mark_failed(&mut open, InterceptionStatus::ClientAborted, "client disconnected before the response");
+                        if let Some(o) = open.as_deref_mut() {
+                            o.upstream_wait += waited.elapsed();
+                        }
+                        return Err(Stop::Broken(e));
+                    }
+                }
+            };
+            let up = match sent {
+                Ok(up) => up,
+                Err(e) => {
+                    let (status, kind, msg) = match upstream_timeout_phase(&e) {
+                        Some((phase, config_key, limit)) => {
+                            metrics::counter!(metric::UPSTREAM_TIMEOUTS_TOTAL, "provider" => route.name.clone(), "phase" => phase).increment(1);
+                            let limit = limit(route);
+                            (
+                                InterceptionStatus::Timeout,
+                                RefusalKind::UpstreamTimeout,
+                                format!(
+                                    "upstream {} timed out: {phase} timeout after {} ms ({config_key})",
+                                    route.name,
+                                    limit.as_millis()
+                                ),
+                            )
+                        }
+                        None => (
+                            InterceptionStatus::UpstreamAborted,
+                            RefusalKind::UpstreamUnreachable,
+                            format!("upstream {} failed: {}", route.name, e.etype().as_str()),
+                        ),
                     };
-                    mark_failed(&mut open, InterceptionStatus::ClientAborted, "client disconnected before the response");
+                    mark_failed(&mut open, status, &msg);
                     if let Some(o) = open.as_deref_mut() {
                         o.upstream_wait += waited.elapsed();
+                        if let Some(t) = o.breaker.take() {
+                            t.failed();
+                        }
                     }
-                    return Err(Stop::Broken(e));
+                    return Err(Refusal::new(kind, msg).into());
                 }
+            };
+            let (Some(index), Some(head)) = (slot, up.response_header()) else {
+                break up;
+            };
+            let status = head.status.as_u16();
+            match status {
+                429 => {
+                    let retry_after = head
+                        .headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| keypool::parse_retry_after(v, std::time::SystemTime::now()));
+                    route.keys.cool_down(index, retry_after);
+                }
+                401 | 403 => route.keys.disable(index, status),
+                _ => break up,
             }
-        };
-        let mut up = match sent {
-            Ok(up) => up,
-            Err(e) => {
-                let timed_out = is_timeout(&e);
-                let (status, kind) = if timed_out {
-                    (InterceptionStatus::Timeout, RefusalKind::UpstreamTimeout)
-                } else {
-                    (
-                        InterceptionStatus::UpstreamAborted,
-                        RefusalKind::UpstreamUnreachable,
-                    )
-                };
-                let msg = format!("upstream {} failed: {}", route.name, e.etype().as_str());
-                mark_failed(&mut open, status, &msg);
-                if let Some(o) = open.as_deref_mut() {
-                    o.upstream_wait += waited.elapsed();
+            tried.push(index);
+            match route.keys.pick(&tried) {
+                Ok((next, secret, hint)) => {
+                    metrics::counter!(metric::PROVIDER_KEY_FAILOVERS_TOTAL, "provider" => route.name.clone()).increment(1);
+                    let mut up = up;
+                    up.shutdown().await;
+                    key = Some(secret);
+                    slot = Some(next);
+                    if let Some(o) = open.as_deref_mut() {
+                        o.credential_hint = Some(hint);
+                    }
                 }
-                return Err(Refusal::new(kind, msg).into());
+                Err(NoKey::Cooling { retry_after }) => {
+                    let mut up = up;
+                    up.shutdown().await;
+                    let refusal = keys_cooling_refusal(&route.name, retry_after);
+                    mark_failed(
+                        &mut open,
+                        InterceptionStatus::UpstreamError,
+                        &refusal.message,
+                    );
+                    if let Some(o) = open.as_deref_mut() {
+                        o.upstream_status = Some(status);
+                        o.upstream_wait += waited.elapsed();
+                        if let Some(t) = o.breaker.take() {
+                            t.succeeded();
+                        }
+                    }
+                    return Err(refusal.into());
+                }
+                // Nothing left to try: the client gets the upstream's own answer.
+                Err(_) => break up,
             }
         };
         // The head is read in place (borrowed from the upstream session, not copied).
@@ -745,6 +831,13 @@ impl Gateway {
             o.upstream_wait += waited.elapsed();
             o.upstream_status = Some(status);
             o.streaming = streaming;
+            if let Some(t) = o.breaker.take() {
+                if breaker::is_failure_status(status) {
+                    t.failed();
+                } else {
+                    t.succeeded();
+                }
+            }
             if status < 400 {
                 o.parser = Some(route.adapter.response_parser(o.endpoint, streaming));
                 let injected_usage = o.endpoint == Endpoint::ChatCompletions
@@ -812,10 +905,27 @@ impl Gateway {
                 break;
             }
             let read_started = Instant::now();
-            let read = conn.read_response_body().await;
+            let read = tokio::time::timeout(route.idle_timeout, conn.read_response_body()).await;
             if let Some(o) = open.as_deref_mut() {
                 o.upstream_wait += read_started.elapsed();
             }
+            let Ok(read) = read else {
+                metrics::counter!(metric::UPSTREAM_TIMEOUTS_TOTAL, "provider" => route.name.clone(), "phase" => "idle").increment(1);
+                mark_failed(
+                    &mut open,
+                    InterceptionStatus::Timeout,
+                    &format!(
+                        "upstream {} stalled mid-response: idle timeout after {} ms (idle_timeout_ms)",
+                        route.name,
+                        route.idle_timeout.as_millis()
+                    ),
+                );
+                conn.shutdown().await;
+                return Err(Stop::Broken(Error::explain(
+                    ErrorType::ReadTimedout,
+                    "upstream idle timeout",
+                )));
+            };
             let chunk = match read {
                 Ok(Some(c)) => c,
                 Ok(None) if conn.response_done() => continue,
@@ -935,6 +1045,7 @@ impl Gateway {
         peer: &HttpPeer,
         head: pingora::http::RequestHeader,
         body: Bytes,
+        first_byte: Duration,
     ) -> pingora::Result<UpstreamSession> {
         let mut attempt = 0;
         loop {
@@ -946,7 +1057,10 @@ impl Gateway {
                     up.write_request_body(body.clone(), true).await?;
                 }
                 up.finish_request_body().await?;
-                up.read_response_header().await
+                match tokio::time::timeout(first_byte, up.read_response_header()).await {
+                    Ok(read) => read,
+                    Err(_) => Error::e_explain(ErrorType::ReadTimedout, FIRST_BYTE_TIMEOUT),
+                }
             }
             .await;
             match result {
@@ -1230,44 +1344,81 @@ impl StoredKeyCache {
     }
 }
 
-/// The contract's key-policy truth table.
+/// The contract's key-policy truth table; `central` is asked only when the policy uses it.
 fn choose_credential(
     policy: KeyPolicyConfig,
     user_key: Option<String>,
-    central_key: Option<&str>,
-    provider: &str,
+    central: impl FnOnce() -> Result<Credential, Refusal>,
 ) -> Result<Credential, Refusal> {
-    let central = || match central_key {
-        Some(k) => Ok(Credential {
-            key: Some(k.to_string()),
-            kind: CredentialKind::Central,
-        }),
-        None => Err(Refusal::new(
-            RefusalKind::KeyPolicy,
-            format!(
-                "no usable provider key: the central key for provider {provider} is not configured"
-            ),
-        )),
-    };
     if !policy.allow_user_api_key {
         return central();
     }
     match user_key {
         Some(k) => Ok(Credential {
+            hint: Some(mask_secret(&k)),
             key: Some(k),
             kind: CredentialKind::Byok,
+            pool_slot: None,
         }),
         None if policy.central_api_key_enabled && policy.allow_central_api_key_fallback => central(),
         None => Err(Refusal::new(
             RefusalKind::KeyPolicy,
-            format!("provider {provider} requires your own API key: send it in Authorization or x-api-key with your Tollgate key in X-Tollgate-Key"),
+            "this provider requires your own API key: send it in Authorization or x-api-key with your Tollgate key in X-Tollgate-Key",
         )),
     }
 }
 
+/// The first usable key of the provider's central pool, or why there is none (all cooling:
+/// 429 with the shortest wait; all rejected by the upstream: 503).
+fn central_credential(route: &ProviderRoute) -> Result<Credential, Refusal> {
+    match route.keys.pick(&[]) {
+        Ok((slot, key, hint)) => Ok(Credential {
+            key: Some(key),
+            kind: CredentialKind::Central,
+            hint: Some(hint),
+            pool_slot: Some(slot),
+        }),
+        Err(NoKey::Unconfigured) => Err(Refusal::new(
+            RefusalKind::KeyPolicy,
+            format!(
+                "no usable provider key: the central key for provider {} is not configured",
+                route.name
+            ),
+        )),
+        Err(NoKey::Cooling { retry_after }) => Err(keys_cooling_refusal(&route.name, retry_after)),
+        Err(NoKey::Exhausted) => Err(Refusal::new(
+            RefusalKind::NoUsableKey,
+            format!(
+                "every central key of provider {} was rejected by the upstream; an operator must replace them and reload the configuration",
+                route.name
+            ),
+        )),
+    }
+}
+
+fn keys_cooling_refusal(provider: &str, retry_after: Duration) -> Refusal {
+    let secs = keypool::retry_after_secs(retry_after);
+    Refusal::new(
+        RefusalKind::RateLimited,
+        format!("every central key of provider {provider} is rate limited by the upstream; retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string())
+}
+
+fn circuit_open_refusal(provider: &str, model: &str, wait: Duration) -> Refusal {
+    let secs = keypool::retry_after_secs(wait);
+    Refusal::new(
+        RefusalKind::CircuitOpen,
+        format!("provider {provider} is failing for model {model}: the gateway stopped sending requests for now (circuit breaker open); retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string())
+}
+
 /// Phase 3: the request body, whole and bounded (413 past `max`), read before anything is sent
 /// upstream.
-async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> {
+async fn read_body(session: &mut Session, max: usize, stall: Duration) -> Result<Bytes, Refusal> {
+    // pingora applies it to each read: a client may take long overall, but not pause for long.
+    session.set_read_timeout(Some(stall));
     let too_large = || {
         Refusal::new(
             RefusalKind::BodyTooLarge,
@@ -1308,6 +1459,15 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> 
                 }
             }
             Ok(None) => break,
+            Err(e) if e.etype() == &ErrorType::ReadTimedout => {
+                return Err(Refusal::new(
+                    RefusalKind::ClientTimeout,
+                    format!(
+                        "the request body stalled: nothing received for {} ms (server.client_body_timeout_ms)",
+                        stall.as_millis()
+                    ),
+                ))
+            }
             Err(e) => {
                 return Err(Refusal::new(
                     RefusalKind::BadRequest,
@@ -1330,6 +1490,25 @@ fn mark_failed(
     if let Some(o) = open.as_deref_mut() {
         o.status = Some(status);
         o.error = Some(message.to_string());
+    }
+}
+
+/// Context of the error `send` returns when the response head did not come in time.
+const FIRST_BYTE_TIMEOUT: &str = "no response head within first_byte_timeout_ms";
+
+type TimeoutLimit = fn(&ProviderRoute) -> Duration;
+
+/// Which upstream timeout an error is: (phase label, config key, the limit).
+fn upstream_timeout_phase(e: &Error) -> Option<(&'static str, &'static str, TimeoutLimit)> {
+    match e.etype() {
+        ErrorType::ConnectTimedout => {
+            Some(("connect", "connect_timeout_ms", |r| r.connect_timeout))
+        }
+        ErrorType::ReadTimedout => Some(("first_byte", "first_byte_timeout_ms", |r| {
+            r.first_byte_timeout
+        })),
+        ErrorType::WriteTimedout => Some(("write", "request write", |_| Duration::from_secs(60))),
+        _ => None,
     }
 }
 
@@ -1363,9 +1542,15 @@ mod tests {
     #[test]
     fn key_policy_truth_table() {
         let user = || Some("sk-user".to_string());
-        let pick = |p, u| {
-            choose_credential(p, u, Some("sk-central"), "openai").map(|c| (c.key.unwrap(), c.kind))
+        let central = || {
+            Ok(Credential {
+                key: Some("sk-central".into()),
+                kind: CredentialKind::Central,
+                hint: None,
+                pool_slot: Some(0),
+            })
         };
+        let pick = |p, u| choose_credential(p, u, central).map(|c| (c.key.unwrap(), c.kind));
         // C=1 U=0 F=0: the user key is ignored.
         assert_eq!(
             pick(policy(true, false, false), user()).unwrap(),

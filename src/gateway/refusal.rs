@@ -18,6 +18,12 @@ pub enum RefusalKind {
     NotFound,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// The provider's circuit breaker for this model is open.
+    CircuitOpen,
+    /// Every central key of the provider was rejected by the upstream (disabled until reload).
+    NoUsableKey,
+    /// The client stalled while sending its request body.
+    ClientTimeout,
 }
 
 impl RefusalKind {
@@ -33,6 +39,8 @@ impl RefusalKind {
             RefusalKind::NotFound => 404,
             RefusalKind::UpstreamUnreachable => 502,
             RefusalKind::UpstreamTimeout => 504,
+            RefusalKind::CircuitOpen | RefusalKind::NoUsableKey => 503,
+            RefusalKind::ClientTimeout => 408,
         }
     }
 
@@ -73,6 +81,15 @@ impl RefusalKind {
                 ("upstream_error", "upstream_unreachable", "api_error")
             }
             RefusalKind::UpstreamTimeout => ("upstream_error", "upstream_timeout", "api_error"),
+            // Anthropic's SDKs retry `overloaded_error` with backoff, which is what an open
+            // breaker asks for.
+            RefusalKind::CircuitOpen => ("upstream_error", "circuit_open", "overloaded_error"),
+            RefusalKind::NoUsableKey => ("upstream_error", "no_usable_provider_key", "api_error"),
+            RefusalKind::ClientTimeout => (
+                "invalid_request_error",
+                "request_timeout",
+                "invalid_request_error",
+            ),
         }
     }
 
@@ -89,6 +106,9 @@ impl RefusalKind {
             RefusalKind::NotFound => "not_found",
             RefusalKind::UpstreamUnreachable => "upstream_unreachable",
             RefusalKind::UpstreamTimeout => "upstream_timeout",
+            RefusalKind::CircuitOpen => "circuit_open",
+            RefusalKind::NoUsableKey => "no_usable_provider_key",
+            RefusalKind::ClientTimeout => "client_timeout",
         }
     }
 }
