@@ -111,19 +111,14 @@ impl KeyPool {
                     self.count_change(&key.label, "usable");
                 }
             }
-            if tried.contains(&i) {
-                continue;
-            }
             match key.state {
-                KeyState::Usable => {
-                    chosen = Some(i);
-                    break;
-                }
+                KeyState::Usable if chosen.is_none() && !tried.contains(&i) => chosen = Some(i),
+                // Tried keys count here too: they are the ones that just started cooling.
                 KeyState::Cooling { until } => {
                     let left = until - now;
                     soonest = Some(soonest.map_or(left, |s| s.min(left)));
                 }
-                KeyState::Disabled => {}
+                _ => {}
             }
         }
         if recovered {
@@ -244,6 +239,16 @@ mod tests {
         match p.pick(&[2]) {
             Err(NoKey::Cooling { retry_after }) => {
                 assert!(retry_after > Duration::from_secs(59), "{retry_after:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        p.cool_down(2, Some(Duration::from_secs(5)));
+        match p.pick(&[2]) {
+            Err(NoKey::Cooling { retry_after }) => {
+                assert!(
+                    retry_after <= Duration::from_secs(5),
+                    "tried keys count: {retry_after:?}"
+                )
             }
             other => panic!("{other:?}"),
         }
