@@ -781,3 +781,196 @@ async fn clients_leaving_at_every_phase_are_recorded_where_due_and_others_are_un
     let after = post(&tg, "/openai/v1/chat/completions", &key, &chat(false)).await;
     assert_eq!(after.status(), 200);
 }
+
+/// Waits until at least `n` log lines contain `needle`; returns the last such line.
+async fn wait_log(tg: &Tollgate, needle: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let hits: Vec<String> = tg
+            .logs()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect();
+        if hits.len() >= n {
+            return hits.last().unwrap().clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the logs:\n{}",
+            tg.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sighup(tg: &Tollgate) {
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &tg.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+fn price_block(input: &str, output: &str, cache_read: &str) -> String {
+    format!(
+        "[[pricing.models]]\nmodel = \"gpt-4o-2024-08-06\"\nprovider = \"openai\"\ninput = \"{input}\"\noutput = \"{output}\"\ncache_read = \"{cache_read}\"\n"
+    )
+}
+
+async fn cost_of(tg: &Tollgate, id: &str) -> i64 {
+    tg.wait_until_recorded(1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: Vec<i64> = tg
+            .column(
+                "SELECT cost_nano_usd FROM interceptions WHERE CAST(id AS TEXT) = ?",
+                &[id],
+            )
+            .await;
+        if let Some(c) = found.first() {
+            return *c;
+        }
+        assert!(Instant::now() < deadline, "{id} never recorded");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Starts a slowly streamed request and returns a task that reads it to the end.
+async fn slow_stream(tg: &Tollgate, key: &str) -> tokio::task::JoinHandle<Result<usize, String>> {
+    let resp = post(tg, "/openai/v1/chat/completions", key, &chat_with_usage()).await;
+    assert_eq!(resp.status(), 200);
+    tokio::spawn(async move {
+        resp.bytes()
+            .await
+            .map(|b| b.len())
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_prices_and_key_pools_refuses_a_bad_file_and_drops_no_connection() {
+    let key_a_rejected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rejected = key_a_rejected.clone();
+    let upstream = MockUpstream::start(move |r| {
+        let by_a = r
+            .header("authorization")
+            .is_some_and(|a| a.ends_with(KEY_A));
+        if by_a && rejected.load(Ordering::SeqCst) {
+            MockResponse::json(
+                401,
+                json!({"error": {"message": "revoked", "type": "invalid_request_error"}}),
+            )
+        } else if r.json()["stream"] == true {
+            MockResponse::fixture("openai-chat-stream.sse").delay(Duration::from_millis(150))
+        } else {
+            MockResponse::fixture("openai-chat.json")
+        }
+    })
+    .await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .env("TEST_OPENAI_KEY", KEY_A)
+        .env("POOL_B", KEY_B)
+        .extra(&price_block("1.00", "1.00", "1.00"))
+        .start()
+        .await;
+    let key = tg.user_key("alice");
+    let url = "/openai/v1/chat/completions";
+    // (226 input + 96 output + 1024 cache read) tokens at $1 per million.
+    let resp = post(&tg, url, &key, &chat(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(cost_of(&tg, &interception_id(&resp)).await, 1_346_000);
+
+    // The only key is revoked upstream: relayed once, then disabled (503, upstream spared).
+    key_a_rejected.store(true, Ordering::SeqCst);
+    assert_eq!(post(&tg, url, &key, &chat(false)).await.status(), 401);
+    let resp = post(&tg, url, &key, &chat(false)).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "no_usable_provider_key"
+    );
+    assert_eq!(upstream.request_count(), 2);
+
+    // Add a key and change the prices (and a listener, which needs a restart).
+    let original = std::fs::read_to_string(&tg.config_path).unwrap();
+    let reloaded = original
+        .replace(
+            "api_key_env = \"TEST_OPENAI_KEY\"",
+            "api_key_env = \"TEST_OPENAI_KEY\"\napi_key_envs = [\"POOL_B\"]",
+        )
+        .replace(
+            &price_block("1.00", "1.00", "1.00"),
+            &price_block("2.00", "3.00", "0.50"),
+        )
+        .replace(
+            "gateway_listen = \"127.0.0.1:0\"",
+            "gateway_listen = \"127.0.0.1:1\"",
+        );
+    assert_ne!(reloaded, original);
+    std::fs::write(&tg.config_path, &reloaded).unwrap();
+    sighup(&tg);
+    let line = wait_log(&tg, "configuration reloaded", 1).await;
+    assert!(line.contains("server.gateway_listen"), "{line}");
+    wait_log(&tg, "only a restart applies it", 1).await;
+
+    // Key A (re-enabled by the reload) fails over to the new key B; the new prices apply.
+    let resp = post(&tg, url, &key, &chat(false)).await;
+    assert_eq!(resp.status(), 200);
+    let id = interception_id(&resp);
+    assert_eq!(keys_seen(&upstream)[2..], [KEY_A, KEY_B]);
+    // 226 × 2.00 + 96 × 3.00 + 1024 × 0.50 per million.
+    assert_eq!(cost_of(&tg, &id).await, 1_252_000);
+    let (_, _, _, hint) = record(&tg, &id).await;
+    assert!(hint.unwrap().ends_with("key2"));
+
+    // An invalid file is refused while a stream is in flight; the stream and new traffic carry
+    // on with the running configuration.
+    let in_flight = slow_stream(&tg, &key).await;
+    std::fs::write(
+        &tg.config_path,
+        format!("{reloaded}\n[limits]\nrequests_per_minute = \"many\"\n"),
+    )
+    .unwrap();
+    sighup(&tg);
+    let line = wait_log(&tg, "configuration reload refused", 1).await;
+    assert!(line.contains("limits.requests_per_minute"), "{line}");
+    let resp = post(&tg, url, &key, &chat(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(cost_of(&tg, &interception_id(&resp)).await, 1_252_000);
+    let streamed = in_flight
+        .await
+        .unwrap()
+        .expect("the stream survived the refused reload");
+    assert_eq!(streamed, fixture_bytes("openai-chat-stream.sse").len());
+
+    // A valid reload while a stream is in flight: the stream finishes, new requests use it.
+    let in_flight = slow_stream(&tg, &key).await;
+    std::fs::write(
+        &tg.config_path,
+        reloaded.replace(
+            &price_block("2.00", "3.00", "0.50"),
+            &price_block("10.00", "10.00", "10.00"),
+        ),
+    )
+    .unwrap();
+    sighup(&tg);
+    wait_log(&tg, "configuration reloaded", 2).await;
+    let resp = post(&tg, url, &key, &chat(false)).await;
+    assert_eq!(cost_of(&tg, &interception_id(&resp)).await, 13_460_000);
+    let streamed = in_flight
+        .await
+        .unwrap()
+        .expect("the stream survived the reload");
+    assert_eq!(streamed, fixture_bytes("openai-chat-stream.sse").len());
+    let m = metrics(&tg).await;
+    assert_eq!(
+        metric_value(&m, "tollgate_config_reloads_total{result=\"applied\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(&m, "tollgate_config_reloads_total{result=\"refused\"}"),
+        Some(1.0)
+    );
+}

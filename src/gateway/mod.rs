@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
+use parking_lot::RwLock;
 use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession as UpstreamSession;
@@ -64,8 +65,10 @@ pub const ROUTE_PREFIX: &str = "/api/v2/aibridge/";
 
 /// State shared by every request on every listener.
 pub struct GatewayState {
-    pub config: Arc<Config>,
-    providers: HashMap<String, Arc<ProviderRoute>>,
+    /// Replaced as a whole by a SIGHUP reload; a request takes what it needs when it needs it,
+    /// and one already holding a route finishes on it.
+    config: RwLock<Arc<Config>>,
+    providers: RwLock<Arc<HashMap<String, Arc<ProviderRoute>>>>,
     pub keys: KeyCache,
     pub store: Store,
     /// The runtime that owns the database pool; cache misses run there.
@@ -89,19 +92,10 @@ impl GatewayState {
         vault: Option<KeyVault>,
         env: impl Fn(&str) -> Option<String>,
     ) -> GatewayState {
-        let providers = config
-            .providers
-            .iter()
-            .map(|(name, p)| {
-                (
-                    name.clone(),
-                    Arc::new(ProviderRoute::from_config(name, p, &env)),
-                )
-            })
-            .collect();
+        let providers = provider_routes(&config, &env);
         GatewayState {
             keys: KeyCache::new(config.auth.key_cache_ttl),
-            providers,
+            providers: RwLock::new(Arc::new(providers)),
             store,
             db,
             recorder,
@@ -111,16 +105,33 @@ impl GatewayState {
             dns: DnsCache::new(Duration::from_secs(30)),
             connector: Connector::new(None),
             threads: ThreadIndex::new(100_000),
-            config,
+            config: RwLock::new(config),
         }
     }
 
-    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderRoute>> {
-        self.providers.get(name)
+    /// The configuration in force (the latest one a reload accepted).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
     }
 
-    pub fn providers(&self) -> impl Iterator<Item = &Arc<ProviderRoute>> {
-        self.providers.values()
+    pub fn provider(&self, name: &str) -> Option<Arc<ProviderRoute>> {
+        self.providers.read().get(name).cloned()
+    }
+
+    pub fn providers(&self) -> Vec<Arc<ProviderRoute>> {
+        self.providers.read().values().cloned().collect()
+    }
+
+    /// Swaps in a reloaded configuration: new provider routes (fresh key pools and breakers),
+    /// prices, budget defaults and limits. Requests in flight keep the routes they hold.
+    pub async fn reconfigure(&self, config: Arc<Config>, env: impl Fn(&str) -> Option<String>) {
+        let providers = provider_routes(&config, &env);
+        *self.providers.write() = Arc::new(providers);
+        self.governance.reconfigure(&config);
+        *self.config.write() = config;
+        if let Err(e) = self.governance.refresh(&self.store, Utc::now()).await {
+            tracing::warn!(error = %e, "governance refresh after a reload failed; retrying on the next tick");
+        }
     }
 
     pub fn prices(&self) -> Arc<PriceBook> {
@@ -141,6 +152,22 @@ impl GatewayState {
     pub fn stored_key_changed(&self) {
         self.stored_keys.clear();
     }
+}
+
+fn provider_routes(
+    config: &Config,
+    env: &impl Fn(&str) -> Option<String>,
+) -> HashMap<String, Arc<ProviderRoute>> {
+    config
+        .providers
+        .iter()
+        .map(|(name, p)| {
+            (
+                name.clone(),
+                Arc::new(ProviderRoute::from_config(name, p, env)),
+            )
+        })
+        .collect()
 }
 
 /// The pingora service value. `fixed_provider` is set for the proxy front door, where the
@@ -340,8 +367,8 @@ impl Gateway {
         );
         let body = read_body(
             session,
-            self.state.config.limits.max_body_bytes,
-            self.state.config.server.client_body_timeout,
+            self.state.config().limits.max_body_bytes,
+            self.state.config().server.client_body_timeout,
         )
         .await?;
         let credential = self
@@ -413,7 +440,12 @@ impl Gateway {
         let path = req.uri.path();
         let query = req.uri.query();
         let (route, rest_path) = match &self.fixed_provider {
-            Some(p) => (p.clone(), path),
+            // The tunnel was opened on an earlier configuration: use the reloaded route of the
+            // same name when there is one.
+            Some(p) => (
+                self.state.provider(&p.name).unwrap_or_else(|| p.clone()),
+                path,
+            ),
             None => {
                 let tail = path
                     .strip_prefix(ROUTE_PREFIX)
@@ -549,12 +581,12 @@ impl Gateway {
         // A key the user stored is the fallback for one sent with the request.
         let user_key = match user_key {
             Some(k) => Some(k),
-            None if self.state.config.keys.allow_user_api_key => {
+            None if self.state.config().keys.allow_user_api_key => {
                 self.stored_key(principal.user_id, &route.name).await
             }
             None => None,
         };
-        choose_credential(self.state.config.keys, user_key, || {
+        choose_credential(self.state.config().keys, user_key, || {
             central_credential(route)
         })
     }

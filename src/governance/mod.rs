@@ -76,15 +76,19 @@ pub struct Admission {
 
 /// Per-replica governance state.
 pub struct Governance {
-    budgets: BudgetConfig,
-    config_prices: Vec<PriceOverride>,
+    // The config-derived parts are behind locks so a SIGHUP reload can replace them
+    // (`reconfigure`); the ledger and the hydration mark are never replaced.
+    budgets: RwLock<BudgetConfig>,
+    config_prices: RwLock<Vec<PriceOverride>>,
     limits: RwLock<Arc<BudgetLimits>>,
     prices: RwLock<Arc<PriceBook>>,
     ledger: SpendLedger,
-    rate: RateLimiter,
-    concurrency: ConcurrencyLimiter,
+    rate: RwLock<Arc<RateLimiter>>,
+    concurrency: RwLock<Arc<ConcurrencyLimiter>>,
     /// Start of the period the ledger was last hydrated for.
     hydrated_period: RwLock<Option<DateTime<Utc>>>,
+    /// (requests_per_minute, max_concurrent) the limiters were built with.
+    limits_config: RwLock<(u32, u32)>,
 }
 
 impl Governance {
@@ -96,14 +100,22 @@ impl Governance {
             policy: config.budgets.group_policy,
         };
         let gov = Governance {
-            budgets: config.budgets.clone(),
-            config_prices: config.pricing.clone(),
+            budgets: RwLock::new(config.budgets.clone()),
+            config_prices: RwLock::new(config.pricing.clone()),
             limits: RwLock::new(Arc::new(limits)),
             prices: RwLock::new(Arc::new(PriceBook::builtin())),
             ledger: SpendLedger::new(),
-            rate: RateLimiter::new(config.limits.requests_per_minute),
-            concurrency: ConcurrencyLimiter::new(config.limits.max_concurrent),
+            rate: RwLock::new(Arc::new(RateLimiter::new(
+                config.limits.requests_per_minute,
+            ))),
+            concurrency: RwLock::new(Arc::new(ConcurrencyLimiter::new(
+                config.limits.max_concurrent,
+            ))),
             hydrated_period: RwLock::new(None),
+            limits_config: RwLock::new((
+                config.limits.requests_per_minute,
+                config.limits.max_concurrent,
+            )),
         };
         gov.apply_prices(&[]);
         gov
@@ -117,9 +129,11 @@ impl Governance {
     /// the request ends.
     pub fn check_rate(&self, user: Uuid) -> Result<ConcurrencyPermit, Denial> {
         self.rate
+            .read()
             .check(user)
             .map_err(|retry_after| Denial::RateLimited { retry_after })?;
         self.concurrency
+            .read()
             .acquire(user)
             .map_err(|e| Denial::TooManyInFlight { limit: e.limit })
     }
@@ -135,14 +149,15 @@ impl Governance {
         now: DateTime<Utc>,
     ) -> Result<Admission, Denial> {
         let price = self.prices().lookup(model).copied();
-        if price.is_none() && self.budgets.unpriced == UnpricedPolicy::Deny {
+        let budgets = self.budgets.read().clone();
+        if price.is_none() && budgets.unpriced == UnpricedPolicy::Deny {
             return Err(Denial::Unpriced {
                 model: model.to_string(),
             });
         }
         let limits = self.limits.read().clone();
         let cap = budget::resolve_cap(&limits, principal.user_id, &principal.group_ids);
-        let (period_start, reset) = budget::period_bounds(self.budgets.period, now);
+        let (period_start, reset) = budget::period_bounds(budgets.period, now);
         let estimate = match &price {
             Some(p) => {
                 let output = max_output_tokens.or(p.output_limit).unwrap_or(4096);
@@ -172,7 +187,7 @@ impl Governance {
     pub fn budget_view(&self, user: Uuid, group_ids: &[Uuid], now: DateTime<Utc>) -> BudgetView {
         let limits = self.limits.read().clone();
         let resolved = budget::resolve_cap(&limits, user, group_ids);
-        let (period_start, reset) = budget::period_bounds(self.budgets.period, now);
+        let (period_start, reset) = budget::period_bounds(self.budgets.read().period, now);
         let (spent, reserved) = self.ledger.snapshot(user);
         BudgetView {
             cap: resolved.as_ref().map(|(c, _)| *c),
@@ -188,11 +203,12 @@ impl Governance {
     /// over (or on first run). Called at start and every few seconds.
     pub async fn refresh(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
         let rows = store.spend_limits().await?;
+        let budgets = self.budgets.read().clone();
         let mut limits = BudgetLimits {
-            default: self.budgets.default_limit,
+            default: budgets.default_limit,
             groups: HashMap::new(),
             users: HashMap::new(),
-            policy: self.budgets.group_policy,
+            policy: budgets.group_policy,
         };
         for row in rows {
             match (row.scope.as_str(), row.scope_id) {
@@ -213,21 +229,48 @@ impl Governance {
         let overrides = store.price_overrides().await?;
         self.apply_prices(&overrides);
 
-        let (period_start, _) = budget::period_bounds(self.budgets.period, now);
+        let (period_start, _) = budget::period_bounds(budgets.period, now);
         let stale = self.hydrated_period.read().is_none_or(|p| p < period_start);
         if stale {
             let spent = store.spend_since(period_start).await?;
             self.ledger.hydrate(period_start, spent);
             *self.hydrated_period.write() = Some(period_start);
         }
-        self.rate.retain_recent();
+        self.rate.read().retain_recent();
         Ok(())
+    }
+
+    /// Takes a reloaded configuration's prices, budget defaults and request limits (the caller
+    /// then calls `refresh` so store overrides are layered on top again). The budget period is
+    /// not changed: the ledger is hydrated per period. A changed limiter starts empty: requests
+    /// already in flight are not counted against a new concurrency limit.
+    pub fn reconfigure(&self, config: &Config) {
+        {
+            let mut budgets = self.budgets.write();
+            let period = budgets.period;
+            *budgets = BudgetConfig {
+                period,
+                ..config.budgets.clone()
+            };
+        }
+        *self.config_prices.write() = config.pricing.clone();
+        if self.limits_config.read().0 != config.limits.requests_per_minute {
+            *self.rate.write() = Arc::new(RateLimiter::new(config.limits.requests_per_minute));
+        }
+        if self.limits_config.read().1 != config.limits.max_concurrent {
+            *self.concurrency.write() =
+                Arc::new(ConcurrencyLimiter::new(config.limits.max_concurrent));
+        }
+        *self.limits_config.write() = (
+            config.limits.requests_per_minute,
+            config.limits.max_concurrent,
+        );
     }
 
     /// Shipped price book, then `[[pricing.models]]` from the config, then the store's overrides.
     fn apply_prices(&self, store_overrides: &[crate::store::PriceOverrideRow]) {
         let mut book = PriceBook::builtin();
-        for o in &self.config_prices {
+        for o in self.config_prices.read().iter() {
             book.insert(&o.provider, &o.model, o.price);
         }
         for o in store_overrides {
