@@ -195,6 +195,50 @@ impl KeyPool {
     }
 }
 
+/// What to do after the upstream answered a request made with a pooled key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failover {
+    /// Not a key problem: the answer goes to the client.
+    Keep,
+    /// The key was taken out; retry with this one (index, secret, hint).
+    Retry(usize, String, String),
+    /// The key was taken out and every other one is cooling: refuse with 429.
+    AllCooling(Duration),
+    /// The key was taken out and none is left: the client gets the upstream's answer.
+    Exhausted,
+}
+
+impl KeyPool {
+    /// Judges the upstream's `status` (and `Retry-After`) for key `index`; `tried` collects the
+    /// keys this request has used so that each is tried at most once.
+    pub fn after_answer(
+        &self,
+        index: usize,
+        status: u16,
+        retry_after: Option<&str>,
+        tried: &mut Vec<usize>,
+    ) -> Failover {
+        match status {
+            429 => {
+                let wait = retry_after.and_then(|v| parse_retry_after(v, SystemTime::now()));
+                self.cool_down(index, wait);
+            }
+            401 | 403 => self.disable(index, status),
+            _ => return Failover::Keep,
+        }
+        tried.push(index);
+        match self.pick(tried) {
+            Ok((next, secret, hint)) => {
+                metrics::counter!(metric::PROVIDER_KEY_FAILOVERS_TOTAL, "provider" => self.provider.clone())
+                    .increment(1);
+                Failover::Retry(next, secret, hint)
+            }
+            Err(NoKey::Cooling { retry_after }) => Failover::AllCooling(retry_after),
+            Err(_) => Failover::Exhausted,
+        }
+    }
+}
+
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), relative to `now`.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
@@ -283,6 +327,33 @@ mod tests {
         assert_eq!(p.pick(&[]).unwrap().0, 0);
         assert_eq!(p.pick(&[0]), Err(NoKey::Exhausted));
         assert_eq!(pool(0).pick(&[]), Err(NoKey::Unconfigured));
+    }
+
+    #[test]
+    fn answers_decide_the_failover() {
+        let p = pool(3);
+        let mut tried = Vec::new();
+        assert_eq!(p.after_answer(0, 200, None, &mut tried), Failover::Keep);
+        assert_eq!(p.after_answer(0, 500, None, &mut tried), Failover::Keep);
+        assert!(tried.is_empty());
+        assert!(matches!(
+            p.after_answer(0, 429, Some("2"), &mut tried),
+            Failover::Retry(1, _, _)
+        ));
+        assert!(matches!(
+            p.after_answer(1, 403, None, &mut tried),
+            Failover::Retry(2, _, _)
+        ));
+        match p.after_answer(2, 429, Some("9"), &mut tried) {
+            Failover::AllCooling(wait) => assert!(wait <= Duration::from_secs(2), "{wait:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(tried, [0, 1, 2]);
+        let p = pool(1);
+        assert_eq!(
+            p.after_answer(0, 401, None, &mut Vec::new()),
+            Failover::Exhausted
+        );
     }
 
     #[test]

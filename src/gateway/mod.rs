@@ -54,7 +54,7 @@ use crate::store::{
     mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus, Principal, Recorder, Store,
 };
 use crate::telemetry::{self, metric};
-use keypool::NoKey;
+use keypool::{Failover, NoKey};
 
 pub use lineage::{ThreadIndex, ThreadLink};
 pub use refusal::{Refusal, RefusalKind};
@@ -789,22 +789,16 @@ impl Gateway {
                 break up;
             };
             let status = head.status.as_u16();
-            match status {
-                429 => {
-                    let retry_after = head
-                        .headers
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| keypool::parse_retry_after(v, std::time::SystemTime::now()));
-                    route.keys.cool_down(index, retry_after);
-                }
-                401 | 403 => route.keys.disable(index, status),
-                _ => break up,
-            }
-            tried.push(index);
-            match route.keys.pick(&tried) {
-                Ok((next, secret, hint)) => {
-                    metrics::counter!(metric::PROVIDER_KEY_FAILOVERS_TOTAL, "provider" => route.name.clone()).increment(1);
+            let retry_after = head
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            match route
+                .keys
+                .after_answer(index, status, retry_after, &mut tried)
+            {
+                Failover::Keep | Failover::Exhausted => break up,
+                Failover::Retry(next, secret, hint) => {
                     let mut up = up;
                     up.shutdown().await;
                     key = Some(secret);
@@ -813,10 +807,10 @@ impl Gateway {
                         o.credential_hint = Some(hint);
                     }
                 }
-                Err(NoKey::Cooling { retry_after }) => {
+                Failover::AllCooling(wait) => {
                     let mut up = up;
                     up.shutdown().await;
-                    let refusal = keys_cooling_refusal(&route.name, retry_after);
+                    let refusal = keys_cooling_refusal(&route.name, wait);
                     mark_failed(
                         &mut open,
                         InterceptionStatus::UpstreamError,
@@ -825,14 +819,13 @@ impl Gateway {
                     if let Some(o) = open.as_deref_mut() {
                         o.upstream_status = Some(status);
                         o.upstream_wait += waited.elapsed();
+                        // A rate limit is a healthy upstream saying "later".
                         if let Some(t) = o.breaker.take() {
                             t.succeeded();
                         }
                     }
                     return Err(refusal.into());
                 }
-                // Nothing left to try: the client gets the upstream's own answer.
-                Err(_) => break up,
             }
         };
         // The head is read in place (borrowed from the upstream session, not copied).
@@ -1525,6 +1518,9 @@ fn mark_failed(
     }
 }
 
+/// How long the upstream may take to accept each write of a request (the peer's write timeout).
+const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Context of the error `send` returns when the response head did not come in time.
 const FIRST_BYTE_TIMEOUT: &str = "no response head within first_byte_timeout_ms";
 
@@ -1539,7 +1535,9 @@ fn upstream_timeout_phase(e: &Error) -> Option<(&'static str, &'static str, Time
         ErrorType::ReadTimedout => Some(("first_byte", "first_byte_timeout_ms", |r| {
             r.first_byte_timeout
         })),
-        ErrorType::WriteTimedout => Some(("write", "request write", |_| Duration::from_secs(60))),
+        ErrorType::WriteTimedout => Some(("write", "fixed upstream write timeout", |_| {
+            UPSTREAM_WRITE_TIMEOUT
+        })),
         _ => None,
     }
 }

@@ -108,7 +108,7 @@ impl ProviderRoute {
         // can say which one fired.
         peer.options.read_timeout =
             Some(self.first_byte_timeout.max(self.idle_timeout) + Duration::from_secs(1));
-        peer.options.write_timeout = Some(Duration::from_secs(60));
+        peer.options.write_timeout = Some(super::UPSTREAM_WRITE_TIMEOUT);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.alpn = if self.upstream.tls {
             ALPN::H2H1
