@@ -221,30 +221,37 @@ async fn all_keys_cooling_gives_a_provider_shaped_429_with_the_shortest_retry_af
     let (tg, key) = start(&upstream, |b| with_pool(b, "")).await;
 
     let resp = post(&tg, "/openai/v1/chat/completions", &key, &chat(false)).await;
+    // The last upstream 429 is relayed as it came, except that the wait it announces is the
+    // pool's shortest (key B's 7 s), not key C's minute.
     assert_eq!(resp.status(), 429);
     let retry_after = resp.headers()["retry-after"].to_str().unwrap();
     let retry_after: u64 = retry_after.parse().expect(retry_after);
-    assert!(
-        (6..=7).contains(&retry_after),
-        "shortest wait is B's 7 s: {retry_after}"
+    assert!((6..=7).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        resp.bytes().await.unwrap().as_ref(),
+        fixture_bytes("openai-error-ratelimit.json").as_slice()
     );
+    assert_eq!(upstream.request_count(), 3, "every key was tried once");
+
+    // While they all cool down, requests are refused in the provider's format without
+    // contacting the upstream.
+    let resp = post(&tg, "/openai/v1/chat/completions", &key, &chat(false)).await;
+    assert_eq!(resp.status(), 429);
+    let retry_after = resp.headers()["retry-after"].to_str().unwrap();
+    assert!(retry_after.parse::<u64>().unwrap() <= 7, "{retry_after}");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "rate_limit_exceeded");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
-    assert_eq!(upstream.request_count(), 3, "every key was tried once");
-
-    // While they all cool down, requests are refused without contacting the upstream.
-    let resp = post(&tg, "/openai/v1/chat/completions", &key, &chat(false)).await;
-    assert_eq!(resp.status(), 429);
-    assert!(
-        resp.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            <= 7
-    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("every central key"));
     assert_eq!(upstream.request_count(), 3);
+    let m = metrics(&tg).await;
+    assert_eq!(
+        metric_value(&m, "tollgate_refusals_total{reason=\"rate_limited\"}"),
+        Some(1.0)
+    );
 
     tg.wait_until_recorded(1).await;
     let status: String = tg.scalar("SELECT status FROM interceptions", &[]).await;

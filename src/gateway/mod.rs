@@ -711,6 +711,7 @@ impl Gateway {
         let mut key = credential.key.clone();
         let mut slot = credential.pool_slot;
         let mut tried: Vec<usize> = Vec::new();
+        let mut retry_after_override = None;
         // One attempt per central key at most: an upstream 429/401/403 on a pooled key retries
         // the (buffered) request on the next usable key before anything reaches the client.
         let mut up = loop {
@@ -807,24 +808,13 @@ impl Gateway {
                         o.credential_hint = Some(hint);
                     }
                 }
+                // Upstream errors are relayed as they came; with several keys the wait the
+                // client is told is the pool's (the first key back), not this key's.
                 Failover::AllCooling(wait) => {
-                    let mut up = up;
-                    up.shutdown().await;
-                    let refusal = keys_cooling_refusal(&route.name, wait);
-                    mark_failed(
-                        &mut open,
-                        InterceptionStatus::UpstreamError,
-                        &refusal.message,
-                    );
-                    if let Some(o) = open.as_deref_mut() {
-                        o.upstream_status = Some(status);
-                        o.upstream_wait += waited.elapsed();
-                        // A rate limit is a healthy upstream saying "later".
-                        if let Some(t) = o.breaker.take() {
-                            t.succeeded();
-                        }
+                    if route.keys.len() > 1 {
+                        retry_after_override = Some(keypool::retry_after_secs(wait));
                     }
-                    return Err(refusal.into());
+                    break up;
                 }
             }
         };
@@ -885,6 +875,9 @@ impl Gateway {
                 continue;
             }
             let _ = downstream_head.append_header(name.clone(), value.clone());
+        }
+        if let Some(secs) = retry_after_override {
+            let _ = downstream_head.insert_header(http::header::RETRY_AFTER, secs.to_string());
         }
         if let Some(o) = open.as_deref() {
             let _ = downstream_head.insert_header("x-tollgate-interception-id", o.id.to_string());
