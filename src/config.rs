@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Longest wait for the next piece of a request body from the client (408 after it).
     pub client_body_timeout: Duration,
+    /// Longest time a client may leave a response write pending (it stopped reading).
+    pub client_write_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -878,6 +880,14 @@ impl<'p> Reader<'p> {
                 10,
                 3_600_000,
             ) as u64),
+            client_write_timeout: Duration::from_millis(self.int(
+                t,
+                s,
+                "client_write_timeout_ms",
+                60_000,
+                10,
+                3_600_000,
+            ) as u64),
         };
         self.unknown_keys(
             t,
@@ -890,6 +900,7 @@ impl<'p> Reader<'p> {
                 "threads",
                 "grace_period_seconds",
                 "client_body_timeout_ms",
+                "client_write_timeout_ms",
             ],
         );
         cfg
@@ -1570,6 +1581,7 @@ mod tests {
         assert_eq!(a.first_byte_timeout, Duration::from_secs(7));
         assert_eq!(a.idle_timeout, Duration::from_secs(7));
         assert_eq!(c.server.client_body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.client_write_timeout, Duration::from_secs(60));
 
         let err = parse(
             "[providers.x]\nkind = \"openai\"\napi_key_env = \"A\"\napi_key_envs = [\"A\", 3]\n[providers.x.breaker]\nfailure_threshold = 0\n",

@@ -103,6 +103,10 @@ pub fn merge(running: &Config, mut fresh: Config) -> (Config, Vec<&'static str>)
         r.client_body_timeout != f.client_body_timeout,
     );
     keep(
+        "server.client_write_timeout_ms",
+        r.client_write_timeout != f.client_write_timeout,
+    );
+    keep(
         "database",
         format!("{:?}", running.database) != format!("{:?}", fresh.database),
     );

@@ -981,3 +981,41 @@ async fn sighup_reloads_prices_and_key_pools_refuses_a_bad_file_and_drops_no_con
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_off_and_recorded_as_a_timeout() {
+    let event = big_event(16 * 1024);
+    let upstream = MockUpstream::always(
+        MockResponse::sse(event.clone())
+            .chunking(Chunking::Whole)
+            .repeat(200 * 1024 * 1024 / event.len()),
+    )
+    .await;
+    let (tg, key) = start(&upstream, |b| {
+        b.server_extra("client_write_timeout_ms = 500")
+    })
+    .await;
+    let body = chat_with_usage().to_string();
+    let mut client = raw(&tg, &raw_request(&key, &body, body.len())).await;
+    let mut head = [0u8; 1024];
+    let n = client.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    // From here on the client reads nothing, but keeps the connection open.
+    let started = Instant::now();
+    tg.wait_until_recorded(1).await;
+    let status: String = tg.scalar("SELECT status FROM interceptions", &[]).await;
+    let error: String = tg.scalar("SELECT error FROM interceptions", &[]).await;
+    assert_eq!(status, "timeout");
+    assert!(error.contains("client_write_timeout_ms"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.connections_closed() < 1 {
+        assert!(Instant::now() < deadline, "upstream connection left open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+}

@@ -365,10 +365,15 @@ impl Gateway {
                 .check_rate(principal.user_id)
                 .map_err(denial_refusal)?,
         );
+        let config = self.state.config();
+        // pingora applies both to each read or write: a client may take long overall, but
+        // not stall for long.
+        session.set_read_timeout(Some(config.server.client_body_timeout));
+        session.set_write_timeout(Some(config.server.client_write_timeout));
         let body = read_body(
             session,
-            self.state.config().limits.max_body_bytes,
-            self.state.config().server.client_body_timeout,
+            config.limits.max_body_bytes,
+            config.server.client_body_timeout,
         )
         .await?;
         let credential = self
@@ -1008,11 +1013,8 @@ impl Gateway {
                 continue;
             }
             if let Err(e) = session.write_response_body(Some(out), false).await {
-                mark_failed(
-                    &mut open,
-                    InterceptionStatus::ClientAborted,
-                    "client disconnected mid-response",
-                );
+                let (status, why) = client_write_failure(&e, session);
+                mark_failed(&mut open, status, &why);
                 if let Some(mut conn) = upstream.take() {
                     conn.shutdown().await;
                 }
@@ -1435,8 +1437,6 @@ fn circuit_open_refusal(provider: &str, model: &str, wait: Duration) -> Refusal 
 /// Phase 3: the request body, whole and bounded (413 past `max`), read before anything is sent
 /// upstream.
 async fn read_body(session: &mut Session, max: usize, stall: Duration) -> Result<Bytes, Refusal> {
-    // pingora applies it to each read: a client may take long overall, but not pause for long.
-    session.set_read_timeout(Some(stall));
     let too_large = || {
         Refusal::new(
             RefusalKind::BodyTooLarge,
@@ -1498,6 +1498,30 @@ async fn read_body(session: &mut Session, max: usize, stall: Duration) -> Result
         Some(buf) => buf.freeze(),
         None => first.unwrap_or_default(),
     })
+}
+
+/// How a failed write to the client is recorded: a client that stopped reading (its receive
+/// window stayed full for `client_write_timeout_ms`) timed out; any other failure is a client
+/// that went away.
+fn client_write_failure(e: &Error, session: &Session) -> (InterceptionStatus, String) {
+    if e.etype() == &ErrorType::WriteTimedout {
+        let limit = session
+            .as_downstream()
+            .get_write_timeout()
+            .unwrap_or_default();
+        (
+            InterceptionStatus::Timeout,
+            format!(
+                "client stopped reading mid-response: nothing accepted for {} ms (server.client_write_timeout_ms)",
+                limit.as_millis()
+            ),
+        )
+    } else {
+        (
+            InterceptionStatus::ClientAborted,
+            "client disconnected mid-response".to_string(),
+        )
+    }
 }
 
 fn mark_failed(
