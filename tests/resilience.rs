@@ -1019,3 +1019,66 @@ async fn a_client_that_stops_reading_is_cut_off_and_recorded_as_a_timeout() {
     }
     drop(client);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_applies_inside_an_open_mitm_tunnel() {
+    let key_a_rejected = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let rejected = key_a_rejected.clone();
+    let upstream = MockUpstream::start(move |r| {
+        let by_a = r
+            .header("authorization")
+            .is_some_and(|a| a.ends_with(KEY_A));
+        if by_a && rejected.load(Ordering::SeqCst) {
+            MockResponse::json(401, json!({"error": {"message": "revoked"}}))
+        } else {
+            MockResponse::fixture("openai-chat.json")
+        }
+    })
+    .await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .mitm_hosts("openai", &["api.openai.com"])
+        .proxy("")
+        .env("TEST_OPENAI_KEY", KEY_A)
+        .env("POOL_B", KEY_B)
+        .start()
+        .await;
+    let key = tg.user_key("alice");
+    let (scheme, addr) = tg.proxy.split_once("://").unwrap();
+    // One client, kept alive: every request below rides the same CONNECT tunnel.
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::https(format!("{scheme}://tollgate:{key}@{addr}")).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(tg.proxy_ca_pem().as_bytes()).unwrap())
+        .http1_only()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let call = || async {
+        client
+            .post("https://api.openai.com/v1/chat/completions")
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(call().await, 401);
+    assert_eq!(call().await, 503, "the only key is disabled");
+
+    let config = std::fs::read_to_string(&tg.config_path).unwrap().replace(
+        "api_key_env = \"TEST_OPENAI_KEY\"",
+        "api_key_env = \"TEST_OPENAI_KEY\"\napi_key_envs = [\"POOL_B\"]",
+    );
+    std::fs::write(&tg.config_path, config).unwrap();
+    sighup(&tg);
+    wait_log(&tg, "configuration reloaded", 1).await;
+
+    assert_eq!(call().await, 200, "the tunnel uses the reloaded route");
+    assert_eq!(keys_seen(&upstream), [KEY_A, KEY_A, KEY_B]);
+    let m = metrics(&tg).await;
+    assert_eq!(
+        metric_value(&m, "tollgate_proxy_connects_total{mode=\"mitm\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
