@@ -94,7 +94,8 @@ pub struct ProviderConfig {
     pub key_cooldown: Duration,
     pub mitm_hosts: Vec<String>,
     pub connect_timeout: Duration,
-    /// Longest silence tolerated while reading a response (streams pause between events).
+    /// Longest silence tolerated while reading a response (streams pause between events): the
+    /// default of `first_byte_timeout` and `idle_timeout`.
     pub read_timeout: Duration,
     /// Longest wait for the response head once the request is sent.
     pub first_byte_timeout: Duration,

@@ -35,7 +35,6 @@ pub struct ProviderRoute {
     pub keys: KeyPool,
     pub breakers: Arc<Breakers>,
     pub connect_timeout: Duration,
-    pub read_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     /// This route's metric handles, taken on first use.
@@ -78,7 +77,6 @@ impl ProviderRoute {
             keys: KeyPool::new(name, keys, cfg.key_cooldown),
             breakers: Breakers::new(name, cfg.breaker),
             connect_timeout: cfg.connect_timeout,
-            read_timeout: cfg.read_timeout,
             first_byte_timeout: cfg.first_byte_timeout,
             idle_timeout: cfg.idle_timeout,
             series: OnceLock::new(),
