@@ -346,17 +346,43 @@ async fn breaker_opens_after_a_run_of_failures_rejects_without_the_upstream_then
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_that_never_sends_a_first_byte_gets_504_and_a_timeout_record() {
-    let upstream = MockUpstream::always(
-        MockResponse::fixture("openai-chat.json").first_byte_delay(Duration::from_secs(600)),
-    )
+    // OpenAI stalls; Anthropic, on the same mock, answers at once.
+    let upstream = MockUpstream::start(|r| {
+        if r.path.contains("chat") {
+            MockResponse::fixture("openai-chat.json").first_byte_delay(Duration::from_secs(600))
+        } else {
+            MockResponse::fixture("anthropic-messages.json")
+        }
+    })
     .await;
     let (tg, key) = start(&upstream, |b| {
-        b.provider_extra("openai", "first_byte_timeout_ms = 400")
+        b.provider_extra("openai", "first_byte_timeout_ms = 1500")
     })
     .await;
     let started = Instant::now();
-    let resp = post(&tg, "/openai/v1/chat/completions", &key, &chat(false)).await;
+    let stalled = {
+        let (url, key) = (tg.gateway.clone(), key.clone());
+        tokio::spawn(async move {
+            http()
+                .post(format!("{url}/openai/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&chat(false))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    // Other traffic is unaffected while the stalled call waits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = post(&tg, "/anthropic/v1/messages", &key, &messages(false)).await;
+    assert_eq!(other.status(), 200);
+    assert!(
+        !stalled.is_finished(),
+        "answered while the stalled call still waits"
+    );
+    let resp = stalled.await.unwrap();
     assert_eq!(resp.status(), 504);
+    assert!(started.elapsed() >= Duration::from_millis(1500));
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -365,9 +391,11 @@ async fn upstream_that_never_sends_a_first_byte_gets_504_and_a_timeout_record() 
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "upstream_error");
     assert_eq!(body["error"]["code"], "upstream_timeout");
-    tg.wait_until_recorded(1).await;
-    let status: String = tg.scalar("SELECT status FROM interceptions", &[]).await;
-    let error: String = tg.scalar("SELECT error FROM interceptions", &[]).await;
+    tg.wait_until_recorded(2).await;
+    let q = "SELECT status FROM interceptions WHERE provider = 'openai'";
+    let status: String = tg.scalar(q, &[]).await;
+    let q = "SELECT error FROM interceptions WHERE provider = 'openai'";
+    let error: String = tg.scalar(q, &[]).await;
     assert_eq!(status, "timeout");
     assert!(error.contains("first_byte_timeout_ms"), "{error}");
     let m = metrics(&tg).await;
