@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long a graceful stop (SIGTERM) lets in-flight requests finish.
     pub grace_period: Duration,
+    /// Longest time a new gateway connection may take to send its first request head.
+    pub client_header_timeout: Duration,
     /// Longest wait for the next piece of a request body from the client (408 after it).
     pub client_body_timeout: Duration,
     /// Longest time a client may leave a response write pending (it stopped reading).
@@ -873,6 +875,14 @@ impl<'p> Reader<'p> {
             grace_period: Duration::from_secs(
                 self.int(t, s, "grace_period_seconds", 5, 0, 3600) as u64
             ),
+            client_header_timeout: Duration::from_millis(self.int(
+                t,
+                s,
+                "client_header_timeout_ms",
+                30_000,
+                10,
+                3_600_000,
+            ) as u64),
             client_body_timeout: Duration::from_millis(self.int(
                 t,
                 s,
@@ -900,6 +910,7 @@ impl<'p> Reader<'p> {
                 "gateway_tls_key",
                 "threads",
                 "grace_period_seconds",
+                "client_header_timeout_ms",
                 "client_body_timeout_ms",
                 "client_write_timeout_ms",
             ],
@@ -1583,6 +1594,7 @@ mod tests {
         assert_eq!(a.idle_timeout, Duration::from_secs(7));
         assert_eq!(c.server.client_body_timeout, Duration::from_secs(60));
         assert_eq!(c.server.client_write_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.client_header_timeout, Duration::from_secs(30));
 
         let err = parse(
             "[providers.x]\nkind = \"openai\"\napi_key_env = \"A\"\napi_key_envs = [\"A\", 3]\n[providers.x.breaker]\nfailure_threshold = 0\n",

@@ -99,6 +99,10 @@ pub fn merge(running: &Config, mut fresh: Config) -> (Config, Vec<&'static str>)
         r.grace_period != f.grace_period,
     );
     keep(
+        "server.client_header_timeout_ms",
+        r.client_header_timeout != f.client_header_timeout,
+    );
+    keep(
         "server.client_body_timeout_ms",
         r.client_body_timeout != f.client_body_timeout,
     );

@@ -18,7 +18,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
 use crate::config::Config;
-use crate::gateway::{Gateway, GatewayState};
+use crate::gateway::{Gateway, GatewayListener, GatewayState};
 use crate::governance::keyvault::KeyVault;
 use crate::proxy::ForwardProxy;
 use crate::store::{Recorder, Store};
@@ -111,10 +111,12 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let gateway_addr = reserve(config.server.gateway_listen, "server.gateway_listen")?;
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
-    let mut gateway = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(state.clone()),
-        "gateway",
+    let mut gateway = Service::new(
+        "gateway".to_string(),
+        GatewayListener::new(
+            pingora::proxy::http_proxy(&server.configuration, Gateway::new(state.clone())),
+            config.server.client_header_timeout,
+        ),
     );
     let scheme = match &config.server.gateway_tls {
         Some(tls) => {

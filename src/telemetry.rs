@@ -47,6 +47,7 @@ pub mod metric {
     pub const BREAKER_REJECTS_TOTAL: &str = "tollgate_breaker_rejects_total";
     pub const UPSTREAM_TIMEOUTS_TOTAL: &str = "tollgate_upstream_timeouts_total";
     pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
+    pub const CLIENT_HEADER_TIMEOUTS_TOTAL: &str = "tollgate_client_header_timeouts_total";
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle (tests may start
@@ -170,6 +171,10 @@ fn describe() {
     describe_counter!(
         metric::CONFIG_RELOADS_TOTAL,
         "Configuration reloads on SIGHUP by result (applied, refused)."
+    );
+    describe_counter!(
+        metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
+        "Gateway connections closed because the first request head did not arrive in time."
     );
 }
 

@@ -1110,3 +1110,52 @@ async fn a_reload_applies_inside_an_open_mitm_tunnel() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_trickling_its_request_head_is_disconnected() {
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
+    let (tg, key) = start(&upstream, |b| {
+        b.server_extra("client_header_timeout_ms = 500")
+    })
+    .await;
+    let mut slow = raw(
+        &tg,
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nx-slow: ",
+    )
+    .await;
+    let started = Instant::now();
+    // One byte every 100 ms: each read succeeds, so only a deadline on the whole head stops it.
+    let closed = loop {
+        if slow.write_all(b"a").await.is_err() {
+            break true;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => panic!("answered a head that never ended"),
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+    };
+    assert!(closed, "still connected after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // A client that sends its head at a normal pace (and then takes its time over the body,
+    // which the header deadline does not cover) is served.
+    let body = chat(false).to_string();
+    let request = raw_request(&key, &body, body.len());
+    let split = request.len() - body.len();
+    let mut ok = raw(&tg, &request[..split]).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ok.write_all(&request[split..]).await.unwrap();
+    let mut head = [0u8; 12];
+    ok.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let m = metrics(&tg).await;
+    assert_eq!(
+        metric_value(&m, "tollgate_client_header_timeouts_total"),
+        Some(1.0),
+        "{m}"
+    );
+}

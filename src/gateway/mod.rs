@@ -15,6 +15,7 @@
 //! Not here: provider wire formats (`providers`), key storage (`store`), pricing (`governance`).
 
 mod breaker;
+mod head_deadline;
 mod keypool;
 mod lineage;
 mod refusal;
@@ -56,6 +57,7 @@ use crate::store::{
 use crate::telemetry::{self, metric};
 use keypool::{Failover, NoKey};
 
+pub use head_deadline::GatewayListener;
 pub use lineage::{ThreadIndex, ThreadLink};
 pub use refusal::{Refusal, RefusalKind};
 pub use upstream::{DnsCache, ProviderRoute};
