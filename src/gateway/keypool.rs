@@ -80,7 +80,10 @@ impl KeyPool {
                     .collect(),
             ),
         };
-        pool.publish_usable(&pool.keys.lock());
+        // Providers without central keys (Copilot, BYOK-only) have no pool to report on.
+        if !pool.is_empty() {
+            pool.publish_usable(&pool.keys.lock());
+        }
         pool
     }
 
