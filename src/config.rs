@@ -39,6 +39,9 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub recorder: RecorderConfig,
     pub auth: AuthConfig,
+    /// Defaults for every provider's circuit breaker (`[breaker]`); a provider's own
+    /// `[providers.NAME.breaker]` table overrides them key by key.
+    pub breaker: BreakerConfig,
     /// Operator price overrides from `[[pricing.models]]` (they win over the shipped book).
     pub pricing: Vec<PriceOverride>,
 }
@@ -60,6 +63,12 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long a graceful stop (SIGTERM) lets in-flight requests finish.
     pub grace_period: Duration,
+    /// Longest time a new gateway connection may take to send its first request head.
+    pub client_header_timeout: Duration,
+    /// Longest wait for the next piece of a request body from the client (408 after it).
+    pub client_body_timeout: Duration,
+    /// Longest time a client may leave a response write pending (it stopped reading).
+    pub client_write_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -80,10 +89,51 @@ pub struct ProviderConfig {
     pub base_url: UpstreamUrl,
     /// Name of the environment variable holding the central key (never the key itself).
     pub api_key_env: Option<String>,
+    /// More central keys (a pool): tried in order after `api_key_env`'s, each one skipped while
+    /// it cools down after an upstream 429 or after the upstream rejected it (401/403).
+    pub api_key_envs: Vec<String>,
+    /// How long a pooled key rests after a 429 that carried no usable `Retry-After`.
+    pub key_cooldown: Duration,
     pub mitm_hosts: Vec<String>,
     pub connect_timeout: Duration,
-    /// Longest silence tolerated while reading a response (streams pause between events).
+    /// Longest silence tolerated while reading a response (streams pause between events): the
+    /// default of `first_byte_timeout` and `idle_timeout`.
     pub read_timeout: Duration,
+    /// Longest wait for the response head once the request is sent.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two pieces of a response body.
+    pub idle_timeout: Duration,
+    pub breaker: BreakerConfig,
+}
+
+impl ProviderConfig {
+    /// The environment variables of the central key pool, in the order keys are tried.
+    pub fn central_key_envs(&self) -> impl Iterator<Item = &str> {
+        self.api_key_env
+            .iter()
+            .chain(self.api_key_envs.iter())
+            .map(String::as_str)
+    }
+}
+
+/// A circuit breaker per provider and model: after `failure_threshold` consecutive failures
+/// (5xx overload answers or timeouts) requests are answered 503 without contacting the upstream
+/// for `open_duration`; then one trial request decides whether it closes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub enabled: bool,
+    pub failure_threshold: u32,
+    pub open_duration: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: false,
+            failure_threshold: 5,
+            open_duration: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A provider's `base_url`, split once so the hot path never parses it.
@@ -460,6 +510,7 @@ impl<'p> Reader<'p> {
             "recorder",
             "auth",
             "pricing",
+            "breaker",
         ];
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -470,7 +521,9 @@ impl<'p> Reader<'p> {
         let server = self.server(&server_table);
         let database_table = self.section(root, "database");
         let database = self.database(&database_table);
-        let providers = self.providers(root);
+        let breaker_table = self.section(root, "breaker");
+        let breaker = self.breaker(&breaker_table, "breaker", BreakerConfig::default());
+        let providers = self.providers(root, breaker);
         let proxy_table = self.section(root, "proxy");
         let proxy = self.proxy(&proxy_table);
         let keys_table = self.section(root, "keys");
@@ -569,8 +622,34 @@ impl<'p> Reader<'p> {
             logging,
             recorder,
             auth,
+            breaker,
             pricing,
         }
+    }
+
+    /// A `[breaker]`-shaped table; keys it leaves out keep `base`'s values.
+    fn breaker(&mut self, t: &Table, s: &str, base: BreakerConfig) -> BreakerConfig {
+        let cfg = BreakerConfig {
+            enabled: self.boolean(t, s, "enabled", base.enabled),
+            failure_threshold: self.int(
+                t,
+                s,
+                "failure_threshold",
+                i64::from(base.failure_threshold),
+                1,
+                10_000,
+            ) as u32,
+            open_duration: Duration::from_millis(self.int(
+                t,
+                s,
+                "open_ms",
+                base.open_duration.as_millis() as i64,
+                10,
+                86_400_000,
+            ) as u64),
+        };
+        self.unknown_keys(t, s, &["enabled", "failure_threshold", "open_ms"]);
+        cfg
     }
 
     fn pricing(&mut self, root: &Table) -> Vec<PriceOverride> {
@@ -829,6 +908,30 @@ impl<'p> Reader<'p> {
             grace_period: Duration::from_secs(
                 self.int(t, s, "grace_period_seconds", 5, 0, 3600) as u64
             ),
+            client_header_timeout: Duration::from_millis(self.int(
+                t,
+                s,
+                "client_header_timeout_ms",
+                30_000,
+                10,
+                3_600_000,
+            ) as u64),
+            client_body_timeout: Duration::from_millis(self.int(
+                t,
+                s,
+                "client_body_timeout_ms",
+                60_000,
+                10,
+                3_600_000,
+            ) as u64),
+            client_write_timeout: Duration::from_millis(self.int(
+                t,
+                s,
+                "client_write_timeout_ms",
+                60_000,
+                10,
+                3_600_000,
+            ) as u64),
         };
         self.unknown_keys(
             t,
@@ -840,6 +943,9 @@ impl<'p> Reader<'p> {
                 "gateway_tls_key",
                 "threads",
                 "grace_period_seconds",
+                "client_header_timeout_ms",
+                "client_body_timeout_ms",
+                "client_write_timeout_ms",
             ],
         );
         cfg
@@ -862,10 +968,20 @@ impl<'p> Reader<'p> {
         }
     }
 
-    fn providers(&mut self, root: &Table) -> BTreeMap<String, ProviderConfig> {
+    fn providers(
+        &mut self,
+        root: &Table,
+        breaker_defaults: BreakerConfig,
+    ) -> BTreeMap<String, ProviderConfig> {
         let mut out = BTreeMap::new();
         let table = match root.get("providers") {
-            None => return default_providers(),
+            None => {
+                let mut defaults = default_providers();
+                for p in defaults.values_mut() {
+                    p.breaker = breaker_defaults;
+                }
+                return defaults;
+            }
             Some(Value::Table(t)) => t.clone(),
             Some(_) => {
                 self.problem("providers", "must be a table of [providers.NAME] tables");
@@ -939,6 +1055,50 @@ impl<'p> Reader<'p> {
                     "copilot has no central key: the client's own GitHub token is always used",
                 );
             }
+            let api_key_envs = match t.get("api_key_envs") {
+                None => Vec::new(),
+                Some(Value::Array(items)) => {
+                    let mut names = Vec::new();
+                    for (i, item) in items.iter().enumerate() {
+                        match item.as_str() {
+                            Some(n) if !n.trim().is_empty() => names.push(n.to_string()),
+                            _ => self.problem(
+                                format!("{path}.api_key_envs[{i}]"),
+                                "expected the name of an environment variable",
+                            ),
+                        }
+                    }
+                    names
+                }
+                Some(_) => {
+                    self.problem(
+                        format!("{path}.api_key_envs"),
+                        "expected an array of environment variable names",
+                    );
+                    Vec::new()
+                }
+            };
+            if kind == ProviderKind::Copilot && !api_key_envs.is_empty() {
+                self.problem(
+                    format!("{path}.api_key_envs"),
+                    "copilot has no central key: the client's own GitHub token is always used",
+                );
+            }
+            {
+                let mut seen = std::collections::BTreeSet::new();
+                for n in api_key_env.iter().chain(api_key_envs.iter()) {
+                    if !seen.insert(n.as_str()) {
+                        self.problem(
+                            format!("{path}.api_key_envs"),
+                            format!("{n} is listed twice"),
+                        );
+                    }
+                }
+            }
+            let key_cooldown =
+                Duration::from_secs(
+                    self.int(t, &path, "key_cooldown_seconds", 60, 1, 86_400) as u64
+                );
             let mitm_hosts = match t.get("mitm_hosts") {
                 None => Vec::new(),
                 Some(Value::Array(items)) => {
@@ -970,6 +1130,29 @@ impl<'p> Reader<'p> {
                 Duration::from_secs(
                     self.int(t, &path, "read_timeout_seconds", 300, 1, 86_400) as u64
                 );
+            let read_ms = read_timeout.as_millis() as i64;
+            let first_byte_timeout = Duration::from_millis(self.int(
+                t,
+                &path,
+                "first_byte_timeout_ms",
+                read_ms,
+                1,
+                86_400_000,
+            ) as u64);
+            let idle_timeout =
+                Duration::from_millis(
+                    self.int(t, &path, "idle_timeout_ms", read_ms, 1, 86_400_000) as u64,
+                );
+            let breaker = match t.get("breaker") {
+                None => breaker_defaults,
+                Some(Value::Table(b)) => {
+                    self.breaker(b, &format!("{path}.breaker"), breaker_defaults)
+                }
+                Some(_) => {
+                    self.problem(format!("{path}.breaker"), "must be a table");
+                    breaker_defaults
+                }
+            };
             self.unknown_keys(
                 t,
                 &path,
@@ -977,9 +1160,14 @@ impl<'p> Reader<'p> {
                     "kind",
                     "base_url",
                     "api_key_env",
+                    "api_key_envs",
+                    "key_cooldown_seconds",
                     "mitm_hosts",
                     "connect_timeout_ms",
                     "read_timeout_seconds",
+                    "first_byte_timeout_ms",
+                    "idle_timeout_ms",
+                    "breaker",
                 ],
             );
             out.insert(
@@ -988,9 +1176,14 @@ impl<'p> Reader<'p> {
                     kind,
                     base_url,
                     api_key_env,
+                    api_key_envs,
+                    key_cooldown,
                     mitm_hosts,
                     connect_timeout,
                     read_timeout,
+                    first_byte_timeout,
+                    idle_timeout,
+                    breaker,
                 },
             );
         }
@@ -1258,9 +1451,14 @@ fn default_providers() -> BTreeMap<String, ProviderConfig> {
         kind,
         base_url: UpstreamUrl::parse(url).expect("valid built-in url"),
         api_key_env: Some(env.to_string()),
+        api_key_envs: Vec::new(),
+        key_cooldown: Duration::from_secs(60),
         mitm_hosts: vec![host.to_string()],
         connect_timeout: Duration::from_secs(10),
         read_timeout: Duration::from_secs(300),
+        first_byte_timeout: Duration::from_secs(300),
+        idle_timeout: Duration::from_secs(300),
+        breaker: BreakerConfig::default(),
     };
     BTreeMap::from([
         (
@@ -1406,6 +1604,64 @@ mod tests {
         assert!(UpstreamUrl::parse("api.openai.com").is_err());
         assert!(UpstreamUrl::parse("http://u:p@host").is_err());
         assert!(UpstreamUrl::parse("http://host:0").is_err());
+    }
+
+    #[test]
+    fn key_pools_timeouts_and_breakers() {
+        let c = parse(
+            r#"
+            [breaker]
+            failure_threshold = 3
+            [providers.openai]
+            kind = "openai"
+            api_key_env = "A"
+            api_key_envs = ["B", "C"]
+            key_cooldown_seconds = 5
+            first_byte_timeout_ms = 250
+            [providers.openai.breaker]
+            enabled = true
+            open_ms = 1500
+            [providers.anthropic]
+            kind = "anthropic"
+            read_timeout_seconds = 7
+            "#,
+        )
+        .unwrap();
+        let p = &c.providers["openai"];
+        assert_eq!(p.central_key_envs().collect::<Vec<_>>(), ["A", "B", "C"]);
+        assert_eq!(p.key_cooldown, Duration::from_secs(5));
+        assert_eq!(p.first_byte_timeout, Duration::from_millis(250));
+        assert_eq!(p.idle_timeout, Duration::from_secs(300));
+        assert_eq!(
+            p.breaker,
+            BreakerConfig {
+                enabled: true,
+                failure_threshold: 3,
+                open_duration: Duration::from_millis(1500)
+            }
+        );
+        let a = &c.providers["anthropic"];
+        assert!(!a.breaker.enabled);
+        assert_eq!(a.breaker.failure_threshold, 3);
+        assert_eq!(a.first_byte_timeout, Duration::from_secs(7));
+        assert_eq!(a.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.server.client_body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.client_write_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.client_header_timeout, Duration::from_secs(30));
+
+        let err = parse(
+            "[providers.x]\nkind = \"openai\"\napi_key_env = \"A\"\napi_key_envs = [\"A\", 3]\n[providers.x.breaker]\nfailure_threshold = 0\n",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "providers.x.api_key_envs[1]",
+                "providers.x.api_key_envs",
+                "providers.x.breaker.failure_threshold"
+            ]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! use the same modules. One module per concern: `config`, `gateway` (the request pipeline),
 //! `providers` (wire formats), `sse`, `clients`, `auth`, `governance`, `store`, `api`,
 //! `telemetry`, `proxy` (the HTTPS_PROXY front door), `tls` (its CA and certificates),
-//! `server` (start-up and shutdown).
+//! `server` (start-up and shutdown), `reload` (SIGHUP).
 
 pub mod api;
 pub mod auth;
@@ -15,6 +15,7 @@ pub mod governance;
 pub mod money;
 pub mod providers;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod sse;
 pub mod store;

@@ -123,7 +123,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => {
             tollgate::telemetry::init_logging(config.logging.structured, &config.logging.level);
-            server::serve(config)
+            server::serve(config, cli.config.clone())
         }
         Command::Users { command } => with_store(&config, |store| async move {
             match command {

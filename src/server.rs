@@ -9,6 +9,7 @@
 //! Not here: request handling (gateway) or the admin routes (api).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
@@ -17,7 +18,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
 use crate::config::Config;
-use crate::gateway::{Gateway, GatewayState};
+use crate::gateway::{Gateway, GatewayListener, GatewayState};
 use crate::governance::keyvault::KeyVault;
 use crate::proxy::ForwardProxy;
 use crate::store::{Recorder, Store};
@@ -25,7 +26,10 @@ use crate::{api, telemetry};
 
 /// Runs every configured listener until SIGTERM (graceful) or SIGINT (fast), then drains the
 /// recorder. Migrations are applied first.
-pub fn serve(config: Config) -> anyhow::Result<()> {
+///
+/// `config_path` is the file `config` came from (`None`: the default path or built-in
+/// defaults); SIGHUP reads it again.
+pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let background = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -63,6 +67,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .context("cannot load budgets and prices")?;
     background.spawn(refresh_governance(state.clone()));
     warn_about_missing_keys(&state);
+    crate::reload::install(background.handle(), state.clone(), config_path)
+        .context("cannot install the SIGHUP handler")?;
     telemetry::prometheus();
     // The CA is checked before any listener opens: a bad one stops the start with its reason.
     let forward_proxy = if config.proxy.enabled {
@@ -105,10 +111,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let gateway_addr = reserve(config.server.gateway_listen, "server.gateway_listen")?;
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
-    let mut gateway = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(state.clone()),
-        "gateway",
+    let mut gateway = Service::new(
+        "gateway".to_string(),
+        GatewayListener::new(
+            pingora::proxy::http_proxy(&server.configuration, Gateway::new(state.clone())),
+            config.server.client_header_timeout,
+        ),
     );
     let scheme = match &config.server.gateway_tls {
         Some(tls) => {
@@ -178,12 +186,13 @@ async fn refresh_governance(state: Arc<GatewayState>) {
         if let Err(e) = state.governance.refresh(&state.store, now).await {
             tracing::warn!(error = %e, "governance refresh failed; keeping the last known caps and prices");
         }
-        let active_since = now - chrono::Duration::days(i64::from(state.config.seats.active_days));
+        let active_since =
+            now - chrono::Duration::days(i64::from(state.config().seats.active_days));
         match state.store.active_seat_count(active_since).await {
             Ok(n) => {
                 metrics::gauge!(telemetry::metric::SEATS_USED).set(f64::from(n));
                 metrics::gauge!(telemetry::metric::SEATS_LIMIT)
-                    .set(f64::from(state.config.seats.limit.unwrap_or(0)));
+                    .set(f64::from(state.config().seats.limit.unwrap_or(0)));
             }
             Err(e) => tracing::warn!(error = %e, "seat count failed"),
         }
@@ -228,19 +237,24 @@ fn reserve_held(
     Ok((probe.local_addr()?, probe))
 }
 
-fn warn_about_missing_keys(state: &GatewayState) {
-    let policy = state.config.keys;
+pub(crate) fn warn_about_missing_keys(state: &GatewayState) {
+    let config = state.config();
+    let policy = config.keys;
     for route in state.providers() {
         let needs_central =
             policy.central_api_key_enabled && route.kind != crate::providers::ProviderKind::Copilot;
-        if needs_central && route.central_key.is_none() {
-            let env = state
-                .config
-                .providers
-                .get(&route.name)
-                .and_then(|p| p.api_key_env.clone())
-                .unwrap_or_else(|| "(api_key_env not set)".into());
-            tracing::warn!(provider = %route.name, api_key_env = %env, "no central key in the environment; requests needing it will be refused");
+        let Some(provider) = config.providers.get(&route.name) else {
+            continue;
+        };
+        let configured = provider.central_key_envs().count();
+        if needs_central && route.keys.len() < configured.max(1) {
+            let envs: Vec<&str> = provider.central_key_envs().collect();
+            let envs = if envs.is_empty() {
+                "(api_key_env not set)".to_string()
+            } else {
+                envs.join(", ")
+            };
+            tracing::warn!(provider = %route.name, api_key_env = %envs, found = route.keys.len(), configured, "central key(s) missing from the environment; requests needing them will be refused or use the others");
         }
     }
 }

@@ -43,6 +43,15 @@ pub mod metric {
     pub const SEATS_USED: &str = "tollgate_seats_used";
     pub const SEATS_LIMIT: &str = "tollgate_seats_limit";
     pub const KEY_CACHE_LOOKUPS_TOTAL: &str = "tollgate_key_cache_lookups_total";
+    pub const PROVIDER_KEY_STATE_CHANGES_TOTAL: &str = "tollgate_provider_key_state_changes_total";
+    pub const PROVIDER_KEYS_USABLE: &str = "tollgate_provider_keys_usable";
+    pub const PROVIDER_KEY_FAILOVERS_TOTAL: &str = "tollgate_provider_key_failovers_total";
+    pub const BREAKER_STATE: &str = "tollgate_breaker_state";
+    pub const BREAKER_TRIPS_TOTAL: &str = "tollgate_breaker_trips_total";
+    pub const BREAKER_REJECTS_TOTAL: &str = "tollgate_breaker_rejects_total";
+    pub const UPSTREAM_TIMEOUTS_TOTAL: &str = "tollgate_upstream_timeouts_total";
+    pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
+    pub const CLIENT_HEADER_TIMEOUTS_TOTAL: &str = "tollgate_client_header_timeouts_total";
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle (tests may start
@@ -146,6 +155,42 @@ fn describe() {
     describe_counter!(
         metric::KEY_CACHE_LOOKUPS_TOTAL,
         "Tollgate key lookups by result (hit, miss)."
+    );
+    describe_counter!(
+        metric::PROVIDER_KEY_STATE_CHANGES_TOTAL,
+        "Central pool key state changes by provider, key index and new state (cooling, disabled, usable)."
+    );
+    describe_gauge!(
+        metric::PROVIDER_KEYS_USABLE,
+        "Central pool keys neither cooling down nor disabled, per provider."
+    );
+    describe_counter!(
+        metric::PROVIDER_KEY_FAILOVERS_TOTAL,
+        "Requests retried on the next central key after an upstream 429/401/403."
+    );
+    describe_gauge!(
+        metric::BREAKER_STATE,
+        "Circuit breaker state per provider and model: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        metric::BREAKER_TRIPS_TOTAL,
+        "Circuit breaker openings per provider and model."
+    );
+    describe_counter!(
+        metric::BREAKER_REJECTS_TOTAL,
+        "Requests answered 503 by an open circuit breaker, per provider and model."
+    );
+    describe_counter!(
+        metric::UPSTREAM_TIMEOUTS_TOTAL,
+        "Upstream timeouts per provider and phase (connect, first_byte, idle)."
+    );
+    describe_counter!(
+        metric::CONFIG_RELOADS_TOTAL,
+        "Configuration reloads on SIGHUP by result (applied, refused)."
+    );
+    describe_counter!(
+        metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
+        "Gateway connections closed because the first request head did not arrive in time."
     );
 }
 

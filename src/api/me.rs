@@ -70,7 +70,7 @@ pub async fn my_budget(
             },
         ),
     };
-    let period = match state.config.budgets.period {
+    let period = match state.config().budgets.period {
         crate::config::BudgetPeriod::Day => "day",
         crate::config::BudgetPeriod::Week => "week",
         crate::config::BudgetPeriod::Month => "month",

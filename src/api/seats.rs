@@ -62,10 +62,10 @@ pub async fn seats(
     uri: Uri,
 ) -> Result<Json<SeatsReport>, ApiError> {
     Params::from_uri(&uri, &[])?;
-    let since = Utc::now() - chrono::Duration::days(i64::from(state.config.seats.active_days));
+    let since = Utc::now() - chrono::Duration::days(i64::from(state.config().seats.active_days));
     let holders = state.store.queries().seat_holders(since).await?;
     let actual = u32::try_from(holders.len()).unwrap_or(u32::MAX);
-    let status = seat_status(state.config.seats.limit, actual);
+    let status = seat_status(state.config().seats.limit, actual);
     Ok(Json(SeatsReport {
         limit: status.limit,
         actual: status.actual,

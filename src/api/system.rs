@@ -118,7 +118,7 @@ pub async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
     )
 )]
 pub async fn ca_cert(State(state): State<Arc<GatewayState>>) -> Result<Response, ApiError> {
-    let proxy = &state.config.proxy;
+    let proxy = &state.config().proxy;
     if !proxy.enabled {
         return Err(ApiError::NotFound(
             "the proxy front door is not enabled (proxy.enabled = false), so there is no CA certificate to serve".into(),

@@ -14,6 +14,9 @@
 //!
 //! Not here: provider wire formats (`providers`), key storage (`store`), pricing (`governance`).
 
+mod breaker;
+mod head_deadline;
+mod keypool;
 mod lineage;
 mod refusal;
 mod upstream;
@@ -26,6 +29,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
+use parking_lot::RwLock;
 use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession as UpstreamSession;
@@ -51,7 +55,9 @@ use crate::store::{
     mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus, Principal, Recorder, Store,
 };
 use crate::telemetry::{self, metric};
+use keypool::{Failover, NoKey};
 
+pub use head_deadline::GatewayListener;
 pub use lineage::{ThreadIndex, ThreadLink};
 pub use refusal::{Refusal, RefusalKind};
 pub use upstream::{DnsCache, ProviderRoute};
@@ -61,8 +67,10 @@ pub const ROUTE_PREFIX: &str = "/api/v2/aibridge/";
 
 /// State shared by every request on every listener.
 pub struct GatewayState {
-    pub config: Arc<Config>,
-    providers: HashMap<String, Arc<ProviderRoute>>,
+    /// Replaced as a whole by a SIGHUP reload; a request takes what it needs when it needs it,
+    /// and one already holding a route finishes on it.
+    config: RwLock<Arc<Config>>,
+    providers: RwLock<Arc<HashMap<String, Arc<ProviderRoute>>>>,
     pub keys: KeyCache,
     pub store: Store,
     /// The runtime that owns the database pool; cache misses run there.
@@ -86,23 +94,14 @@ impl GatewayState {
         vault: Option<KeyVault>,
         env: impl Fn(&str) -> Option<String>,
     ) -> GatewayState {
-        let providers = config
-            .providers
-            .iter()
-            .map(|(name, p)| {
-                (
-                    name.clone(),
-                    Arc::new(ProviderRoute::from_config(name, p, &env)),
-                )
-            })
-            .collect();
+        let providers = provider_routes(&config, &env);
         let mut governance = Governance::new(&config);
         if store.shares_spend() {
             governance.share_spend_through(store.clone());
         }
         GatewayState {
             keys: KeyCache::new(config.auth.key_cache_ttl),
-            providers,
+            providers: RwLock::new(Arc::new(providers)),
             store,
             db,
             recorder,
@@ -112,16 +111,33 @@ impl GatewayState {
             dns: DnsCache::new(Duration::from_secs(30)),
             connector: Connector::new(None),
             threads: ThreadIndex::new(100_000),
-            config,
+            config: RwLock::new(config),
         }
     }
 
-    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderRoute>> {
-        self.providers.get(name)
+    /// The configuration in force (the latest one a reload accepted).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
     }
 
-    pub fn providers(&self) -> impl Iterator<Item = &Arc<ProviderRoute>> {
-        self.providers.values()
+    pub fn provider(&self, name: &str) -> Option<Arc<ProviderRoute>> {
+        self.providers.read().get(name).cloned()
+    }
+
+    pub fn providers(&self) -> Vec<Arc<ProviderRoute>> {
+        self.providers.read().values().cloned().collect()
+    }
+
+    /// Swaps in a reloaded configuration: new provider routes (fresh key pools and breakers),
+    /// prices, budget defaults and limits. Requests in flight keep the routes they hold.
+    pub async fn reconfigure(&self, config: Arc<Config>, env: impl Fn(&str) -> Option<String>) {
+        let providers = provider_routes(&config, &env);
+        *self.providers.write() = Arc::new(providers);
+        self.governance.reconfigure(&config);
+        *self.config.write() = config;
+        if let Err(e) = self.governance.refresh(&self.store, Utc::now()).await {
+            tracing::warn!(error = %e, "governance refresh after a reload failed; retrying on the next tick");
+        }
     }
 
     pub fn prices(&self) -> Arc<PriceBook> {
@@ -142,6 +158,22 @@ impl GatewayState {
     pub fn stored_key_changed(&self) {
         self.stored_keys.clear();
     }
+}
+
+fn provider_routes(
+    config: &Config,
+    env: &impl Fn(&str) -> Option<String>,
+) -> HashMap<String, Arc<ProviderRoute>> {
+    config
+        .providers
+        .iter()
+        .map(|(name, p)| {
+            (
+                name.clone(),
+                Arc::new(ProviderRoute::from_config(name, p, env)),
+            )
+        })
+        .collect()
 }
 
 /// The pingora service value. `fixed_provider` is set for the proxy front door, where the
@@ -199,6 +231,8 @@ struct OpenInterception {
     credential_kind: CredentialKind,
     credential_hint: Option<String>,
     admission: Option<Admission>,
+    /// The circuit breaker's permission, reported with the upstream's answer.
+    breaker: Option<breaker::Ticket>,
     parser: Option<Box<dyn ResponseParser>>,
     /// What the parser found, once the response is complete (or cut).
     summary: Option<ResponseSummary>,
@@ -242,6 +276,10 @@ struct Routed {
 struct Credential {
     key: Option<String>,
     kind: CredentialKind,
+    /// Masked for the record (`sk-…abcd`).
+    hint: Option<String>,
+    /// Index in the provider's central key pool (pooled keys fail over; personal keys do not).
+    pool_slot: Option<usize>,
 }
 
 /// Upper bound of an upstream error body kept for the record.
@@ -333,7 +371,17 @@ impl Gateway {
                 .check_rate(principal.user_id)
                 .map_err(denial_refusal)?,
         );
-        let body = read_body(session, self.state.config.limits.max_body_bytes).await?;
+        let config = self.state.config();
+        // pingora applies both to each read or write: a client may take long overall, but
+        // not stall for long.
+        session.set_read_timeout(Some(config.server.client_body_timeout));
+        session.set_write_timeout(Some(config.server.client_write_timeout));
+        let body = read_body(
+            session,
+            config.limits.max_body_bytes,
+            config.server.client_body_timeout,
+        )
+        .await?;
         let credential = self
             .credential(
                 &routed.route,
@@ -365,6 +413,11 @@ impl Gateway {
             Some(rewritten) => Bytes::from(rewritten),
             None => body,
         };
+        let breaker_ticket = routed
+            .route
+            .breakers
+            .admit(&request.model)
+            .map_err(|wait| circuit_open_refusal(&routed.route.name, &request.model, wait))?;
         let admission = self
             .state
             .governance
@@ -386,6 +439,7 @@ impl Gateway {
             .open_interception(session, &routed, endpoint, request, principal, &credential)
             .await;
         open.admission = Some(admission);
+        open.breaker = breaker_ticket;
         ctx.interception = Some(open);
         self.exchange(
             session,
@@ -403,7 +457,12 @@ impl Gateway {
         let path = req.uri.path();
         let query = req.uri.query();
         let (route, rest_path) = match &self.fixed_provider {
-            Some(p) => (p.clone(), path),
+            // The tunnel was opened on an earlier configuration: use the reloaded route of the
+            // same name when there is one.
+            Some(p) => (
+                self.state.provider(&p.name).unwrap_or_else(|| p.clone()),
+                path,
+            ),
             None => {
                 let tail = path
                     .strip_prefix(ROUTE_PREFIX)
@@ -515,8 +574,10 @@ impl Gateway {
             // Copilot: the client's own GitHub token is always the credential.
             return match bearer.filter(|t| !t.is_empty()) {
                 Some(token) => Ok(Credential {
+                    hint: Some(mask_secret(&token)),
                     key: Some(token),
                     kind: CredentialKind::Byok,
+                    pool_slot: None,
                 }),
                 None => Err(Refusal::new(
                     RefusalKind::KeyPolicy,
@@ -538,17 +599,14 @@ impl Gateway {
         // A key the user stored is the fallback for one sent with the request.
         let user_key = match user_key {
             Some(k) => Some(k),
-            None if self.state.config.keys.allow_user_api_key => {
+            None if self.state.config().keys.allow_user_api_key => {
                 self.stored_key(principal.user_id, &route.name).await
             }
             None => None,
         };
-        choose_credential(
-            self.state.config.keys,
-            user_key,
-            route.central_key.as_deref(),
-            &route.name,
-        )
+        choose_credential(self.state.config().keys, user_key, || {
+            central_credential(route)
+        })
     }
 
     /// The user's stored provider key for `provider`, decrypted (cached briefly).
@@ -609,12 +667,9 @@ impl Gateway {
             client,
             thread,
             credential_kind: credential.kind,
-            credential_hint: match credential.kind {
-                // The central key's mask is computed once per route.
-                CredentialKind::Central => routed.route.central_key_hint.clone(),
-                CredentialKind::Byok => credential.key.as_deref().map(mask_secret),
-            },
+            credential_hint: credential.hint.clone(),
             admission: None,
+            breaker: None,
             parser: None,
             summary: None,
             charge: None,
@@ -678,61 +733,114 @@ impl Gateway {
             }
         };
         let peer = route.peer(addr);
-        let req = session.req_header();
-        let head = upstream::upstream_request(
-            &req.method,
-            &route.upstream_path(&routed.rest),
-            &req.headers,
-            route,
-            credential.key.as_deref(),
-            body.len(),
-        )
-        .map_err(|e| {
-            Refusal::new(
-                RefusalKind::BadRequest,
-                format!("cannot forward request headers: {e}"),
+        let mut key = credential.key.clone();
+        let mut slot = credential.pool_slot;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut retry_after_override = None;
+        // One attempt per central key at most: an upstream 429/401/403 on a pooled key retries
+        // the (buffered) request on the next usable key before anything reaches the client.
+        let mut up = loop {
+            let req = session.req_header();
+            let head = upstream::upstream_request(
+                &req.method,
+                &route.upstream_path(&routed.rest),
+                &req.headers,
+                route,
+                key.as_deref(),
+                body.len(),
             )
-        })?;
+            .map_err(|e| {
+                Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("cannot forward request headers: {e}"),
+                )
+            })?;
 
-        // While the upstream thinks (a long generation can take minutes before its first byte),
-        // watch the client: if it goes away, stop waiting and stop paying for the call.
-        let sent = {
-            // Boxed: the connect-and-send future is ~10 KB, and inline it would stay part of
-            // this request's future (and its memory) for the whole life of a stream.
-            let mut send = Box::pin(self.send(&peer, head, body));
-            tokio::select! {
-                sent = &mut send => sent,
-                gone = session.as_downstream_mut().read_body_or_idle(true) => {
-                    let e = match gone {
-                        Err(e) => e,
-                        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data while waiting for a response"),
+            // While the upstream thinks (a long generation can take minutes before its first
+            // byte), watch the client: if it goes away, stop waiting and stop paying for the call.
+            let sent = {
+                // Boxed: the connect-and-send future is ~10 KB, and inline it would stay part of
+                // this request's future (and its memory) for the whole life of a stream.
+                let mut send =
+                    Box::pin(self.send(&peer, head, body.clone(), route.first_byte_timeout));
+                tokio::select! {
+                    sent = &mut send => sent,
+                    gone = session.as_downstream_mut().read_body_or_idle(true) => {
+                        let e = match gone {
+                            Err(e) => e,
+                            Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client sent data while waiting for a response"),
+                        };
+                        mark_failed(&mut open, InterceptionStatus::ClientAborted, "client disconnected before the response");
+                        if let Some(o) = open.as_deref_mut() {
+                            o.upstream_wait += waited.elapsed();
+                        }
+                        return Err(Stop::Broken(e));
+                    }
+                }
+            };
+            let up = match sent {
+                Ok(up) => up,
+                Err(e) => {
+                    let (status, kind, msg) = match upstream_timeout_phase(&e) {
+                        Some((phase, config_key, limit)) => {
+                            metrics::counter!(metric::UPSTREAM_TIMEOUTS_TOTAL, "provider" => route.name.clone(), "phase" => phase).increment(1);
+                            let limit = limit(route);
+                            (
+                                InterceptionStatus::Timeout,
+                                RefusalKind::UpstreamTimeout,
+                                format!(
+                                    "upstream {} timed out: {phase} timeout after {} ms ({config_key})",
+                                    route.name,
+                                    limit.as_millis()
+                                ),
+                            )
+                        }
+                        None => (
+                            InterceptionStatus::UpstreamAborted,
+                            RefusalKind::UpstreamUnreachable,
+                            format!("upstream {} failed: {}", route.name, e.etype().as_str()),
+                        ),
                     };
-                    mark_failed(&mut open, InterceptionStatus::ClientAborted, "client disconnected before the response");
+                    mark_failed(&mut open, status, &msg);
                     if let Some(o) = open.as_deref_mut() {
                         o.upstream_wait += waited.elapsed();
+                        if let Some(t) = o.breaker.take() {
+                            t.failed();
+                        }
                     }
-                    return Err(Stop::Broken(e));
+                    return Err(Refusal::new(kind, msg).into());
                 }
-            }
-        };
-        let mut up = match sent {
-            Ok(up) => up,
-            Err(e) => {
-                let timed_out = is_timeout(&e);
-                let (status, kind) = if timed_out {
-                    (InterceptionStatus::Timeout, RefusalKind::UpstreamTimeout)
-                } else {
-                    (
-                        InterceptionStatus::UpstreamAborted,
-                        RefusalKind::UpstreamUnreachable,
-                    )
-                };
-                let msg = format!("upstream {} failed: {}", route.name, e.etype().as_str());
-                mark_failed(&mut open, status, &msg);
-                if let Some(o) = open.as_deref_mut() {
-                    o.upstream_wait += waited.elapsed();
+            };
+            let (Some(index), Some(head)) = (slot, up.response_header()) else {
+                break up;
+            };
+            let status = head.status.as_u16();
+            let retry_after = head
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            match route
+                .keys
+                .after_answer(index, status, retry_after, &mut tried)
+            {
+                Failover::Keep | Failover::Exhausted => break up,
+                Failover::Retry(next, secret, hint) => {
+                    let mut up = up;
+                    up.shutdown().await;
+                    key = Some(secret);
+                    slot = Some(next);
+                    if let Some(o) = open.as_deref_mut() {
+                        o.credential_hint = Some(hint);
+                    }
                 }
-                return Err(Refusal::new(kind, msg).into());
+                // Upstream errors are relayed as they came; with several keys the wait the
+                // client is told is the pool's (the first key back), not this key's.
+                Failover::AllCooling(wait) => {
+                    if route.keys.len() > 1 {
+                        retry_after_override = Some(keypool::retry_after_secs(wait));
+                    }
+                    break up;
+                }
             }
         };
         // The head is read in place (borrowed from the upstream session, not copied).
@@ -763,6 +871,13 @@ impl Gateway {
             o.upstream_wait += waited.elapsed();
             o.upstream_status = Some(status);
             o.streaming = streaming;
+            if let Some(t) = o.breaker.take() {
+                if breaker::is_failure_status(status) {
+                    t.failed();
+                } else {
+                    t.succeeded();
+                }
+            }
             if status < 400 {
                 o.parser = Some(route.adapter.response_parser(o.endpoint, streaming));
                 let injected_usage = o.endpoint == Endpoint::ChatCompletions
@@ -785,6 +900,9 @@ impl Gateway {
                 continue;
             }
             let _ = downstream_head.append_header(name.clone(), value.clone());
+        }
+        if let Some(secs) = retry_after_override {
+            let _ = downstream_head.insert_header(http::header::RETRY_AFTER, secs.to_string());
         }
         if let Some(o) = open.as_deref() {
             let _ = downstream_head.insert_header("x-tollgate-interception-id", o.id.to_string());
@@ -830,10 +948,27 @@ impl Gateway {
                 break;
             }
             let read_started = Instant::now();
-            let read = conn.read_response_body().await;
+            let read = tokio::time::timeout(route.idle_timeout, conn.read_response_body()).await;
             if let Some(o) = open.as_deref_mut() {
                 o.upstream_wait += read_started.elapsed();
             }
+            let Ok(read) = read else {
+                metrics::counter!(metric::UPSTREAM_TIMEOUTS_TOTAL, "provider" => route.name.clone(), "phase" => "idle").increment(1);
+                mark_failed(
+                    &mut open,
+                    InterceptionStatus::Timeout,
+                    &format!(
+                        "upstream {} stalled mid-response: idle timeout after {} ms (idle_timeout_ms)",
+                        route.name,
+                        route.idle_timeout.as_millis()
+                    ),
+                );
+                conn.shutdown().await;
+                return Err(Stop::Broken(Error::explain(
+                    ErrorType::ReadTimedout,
+                    "upstream idle timeout",
+                )));
+            };
             let chunk = match read {
                 Ok(Some(c)) => c,
                 Ok(None) if conn.response_done() => continue,
@@ -901,11 +1036,8 @@ impl Gateway {
                 continue;
             }
             if let Err(e) = session.write_response_body(Some(out), false).await {
-                mark_failed(
-                    &mut open,
-                    InterceptionStatus::ClientAborted,
-                    "client disconnected mid-response",
-                );
+                let (status, why) = client_write_failure(&e, session);
+                mark_failed(&mut open, status, &why);
                 if let Some(mut conn) = upstream.take() {
                     conn.shutdown().await;
                 }
@@ -956,6 +1088,7 @@ impl Gateway {
         peer: &HttpPeer,
         head: pingora::http::RequestHeader,
         body: Bytes,
+        first_byte: Duration,
     ) -> pingora::Result<UpstreamSession> {
         let mut attempt = 0;
         loop {
@@ -967,7 +1100,10 @@ impl Gateway {
                     up.write_request_body(body.clone(), true).await?;
                 }
                 up.finish_request_body().await?;
-                up.read_response_header().await
+                match tokio::time::timeout(first_byte, up.read_response_header()).await {
+                    Ok(read) => read,
+                    Err(_) => Error::e_explain(ErrorType::ReadTimedout, FIRST_BYTE_TIMEOUT),
+                }
             }
             .await;
             match result {
@@ -1261,44 +1397,79 @@ impl StoredKeyCache {
     }
 }
 
-/// The contract's key-policy truth table.
+/// The contract's key-policy truth table; `central` is asked only when the policy uses it.
 fn choose_credential(
     policy: KeyPolicyConfig,
     user_key: Option<String>,
-    central_key: Option<&str>,
-    provider: &str,
+    central: impl FnOnce() -> Result<Credential, Refusal>,
 ) -> Result<Credential, Refusal> {
-    let central = || match central_key {
-        Some(k) => Ok(Credential {
-            key: Some(k.to_string()),
-            kind: CredentialKind::Central,
-        }),
-        None => Err(Refusal::new(
-            RefusalKind::KeyPolicy,
-            format!(
-                "no usable provider key: the central key for provider {provider} is not configured"
-            ),
-        )),
-    };
     if !policy.allow_user_api_key {
         return central();
     }
     match user_key {
         Some(k) => Ok(Credential {
+            hint: Some(mask_secret(&k)),
             key: Some(k),
             kind: CredentialKind::Byok,
+            pool_slot: None,
         }),
         None if policy.central_api_key_enabled && policy.allow_central_api_key_fallback => central(),
         None => Err(Refusal::new(
             RefusalKind::KeyPolicy,
-            format!("provider {provider} requires your own API key: send it in Authorization or x-api-key with your Tollgate key in X-Tollgate-Key"),
+            "this provider requires your own API key: send it in Authorization or x-api-key with your Tollgate key in X-Tollgate-Key",
         )),
     }
 }
 
+/// The first usable key of the provider's central pool, or why there is none (all cooling:
+/// 429 with the shortest wait; all rejected by the upstream: 503).
+fn central_credential(route: &ProviderRoute) -> Result<Credential, Refusal> {
+    match route.keys.pick(&[]) {
+        Ok((slot, key, hint)) => Ok(Credential {
+            key: Some(key),
+            kind: CredentialKind::Central,
+            hint: Some(hint),
+            pool_slot: Some(slot),
+        }),
+        Err(NoKey::Unconfigured) => Err(Refusal::new(
+            RefusalKind::KeyPolicy,
+            format!(
+                "no usable provider key: the central key for provider {} is not configured",
+                route.name
+            ),
+        )),
+        Err(NoKey::Cooling { retry_after }) => Err(keys_cooling_refusal(&route.name, retry_after)),
+        Err(NoKey::Exhausted) => Err(Refusal::new(
+            RefusalKind::NoUsableKey,
+            format!(
+                "every central key of provider {} was rejected by the upstream; an operator must replace them and reload the configuration",
+                route.name
+            ),
+        )),
+    }
+}
+
+fn keys_cooling_refusal(provider: &str, retry_after: Duration) -> Refusal {
+    let secs = keypool::retry_after_secs(retry_after);
+    Refusal::new(
+        RefusalKind::RateLimited,
+        format!("every central key of provider {provider} is rate limited by the upstream; retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string())
+}
+
+fn circuit_open_refusal(provider: &str, model: &str, wait: Duration) -> Refusal {
+    let secs = keypool::retry_after_secs(wait);
+    Refusal::new(
+        RefusalKind::CircuitOpen,
+        format!("provider {provider} is failing for model {model}: the gateway stopped sending requests for now (circuit breaker open); retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string())
+}
+
 /// Phase 3: the request body, whole and bounded (413 past `max`), read before anything is sent
 /// upstream.
-async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> {
+async fn read_body(session: &mut Session, max: usize, stall: Duration) -> Result<Bytes, Refusal> {
     let too_large = || {
         Refusal::new(
             RefusalKind::BodyTooLarge,
@@ -1339,6 +1510,15 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> 
                 }
             }
             Ok(None) => break,
+            Err(e) if e.etype() == &ErrorType::ReadTimedout => {
+                return Err(Refusal::new(
+                    RefusalKind::ClientTimeout,
+                    format!(
+                        "the request body stalled: nothing received for {} ms (server.client_body_timeout_ms)",
+                        stall.as_millis()
+                    ),
+                ))
+            }
             Err(e) => {
                 return Err(Refusal::new(
                     RefusalKind::BadRequest,
@@ -1353,6 +1533,30 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Refusal> 
     })
 }
 
+/// How a failed write to the client is recorded: a client that stopped reading (its receive
+/// window stayed full for `client_write_timeout_ms`) timed out; any other failure is a client
+/// that went away.
+fn client_write_failure(e: &Error, session: &Session) -> (InterceptionStatus, String) {
+    if e.etype() == &ErrorType::WriteTimedout {
+        let limit = session
+            .as_downstream()
+            .get_write_timeout()
+            .unwrap_or_default();
+        (
+            InterceptionStatus::Timeout,
+            format!(
+                "client stopped reading mid-response: nothing accepted for {} ms (server.client_write_timeout_ms)",
+                limit.as_millis()
+            ),
+        )
+    } else {
+        (
+            InterceptionStatus::ClientAborted,
+            "client disconnected mid-response".to_string(),
+        )
+    }
+}
+
 fn mark_failed(
     open: &mut Option<&mut OpenInterception>,
     status: InterceptionStatus,
@@ -1361,6 +1565,30 @@ fn mark_failed(
     if let Some(o) = open.as_deref_mut() {
         o.status = Some(status);
         o.error = Some(message.to_string());
+    }
+}
+
+/// How long the upstream may take to accept each write of a request (the peer's write timeout).
+const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Context of the error `send` returns when the response head did not come in time.
+const FIRST_BYTE_TIMEOUT: &str = "no response head within first_byte_timeout_ms";
+
+type TimeoutLimit = fn(&ProviderRoute) -> Duration;
+
+/// Which upstream timeout an error is: (phase label, config key, the limit).
+fn upstream_timeout_phase(e: &Error) -> Option<(&'static str, &'static str, TimeoutLimit)> {
+    match e.etype() {
+        ErrorType::ConnectTimedout => {
+            Some(("connect", "connect_timeout_ms", |r| r.connect_timeout))
+        }
+        ErrorType::ReadTimedout => Some(("first_byte", "first_byte_timeout_ms", |r| {
+            r.first_byte_timeout
+        })),
+        ErrorType::WriteTimedout => Some(("write", "fixed upstream write timeout", |_| {
+            UPSTREAM_WRITE_TIMEOUT
+        })),
+        _ => None,
     }
 }
 
@@ -1394,9 +1622,15 @@ mod tests {
     #[test]
     fn key_policy_truth_table() {
         let user = || Some("sk-user".to_string());
-        let pick = |p, u| {
-            choose_credential(p, u, Some("sk-central"), "openai").map(|c| (c.key.unwrap(), c.kind))
+        let central = || {
+            Ok(Credential {
+                key: Some("sk-central".into()),
+                kind: CredentialKind::Central,
+                hint: None,
+                pool_slot: Some(0),
+            })
         };
+        let pick = |p, u| choose_credential(p, u, central).map(|c| (c.key.unwrap(), c.kind));
         // C=1 U=0 F=0: the user key is ignored.
         assert_eq!(
             pick(policy(true, false, false), user()).unwrap(),

@@ -21,6 +21,12 @@ pub enum RefusalKind {
     /// The database cannot be reached for a decision that needs it (a key not seen before, or
     /// a capped request with `budgets.when_database_down = "refuse"`): 503.
     StoreUnavailable,
+    /// The provider's circuit breaker for this model is open.
+    CircuitOpen,
+    /// Every central key of the provider was rejected by the upstream (disabled until reload).
+    NoUsableKey,
+    /// The client stalled while sending its request body.
+    ClientTimeout,
 }
 
 impl RefusalKind {
@@ -37,6 +43,8 @@ impl RefusalKind {
             RefusalKind::UpstreamUnreachable => 502,
             RefusalKind::UpstreamTimeout => 504,
             RefusalKind::StoreUnavailable => 503,
+            RefusalKind::CircuitOpen | RefusalKind::NoUsableKey => 503,
+            RefusalKind::ClientTimeout => 408,
         }
     }
 
@@ -78,6 +86,15 @@ impl RefusalKind {
             }
             RefusalKind::UpstreamTimeout => ("upstream_error", "upstream_timeout", "api_error"),
             RefusalKind::StoreUnavailable => ("api_error", "store_unavailable", "api_error"),
+            // Anthropic's SDKs retry `overloaded_error` with backoff, which is what an open
+            // breaker asks for.
+            RefusalKind::CircuitOpen => ("upstream_error", "circuit_open", "overloaded_error"),
+            RefusalKind::NoUsableKey => ("upstream_error", "no_usable_provider_key", "api_error"),
+            RefusalKind::ClientTimeout => (
+                "invalid_request_error",
+                "request_timeout",
+                "invalid_request_error",
+            ),
         }
     }
 
@@ -95,6 +112,9 @@ impl RefusalKind {
             RefusalKind::UpstreamUnreachable => "upstream_unreachable",
             RefusalKind::UpstreamTimeout => "upstream_timeout",
             RefusalKind::StoreUnavailable => "store_unavailable",
+            RefusalKind::CircuitOpen => "circuit_open",
+            RefusalKind::NoUsableKey => "no_usable_provider_key",
+            RefusalKind::ClientTimeout => "client_timeout",
         }
     }
 }

@@ -18,9 +18,10 @@ use pingora::http::RequestHeader;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
+use super::breaker::Breakers;
+use super::keypool::KeyPool;
 use crate::config::{ProviderConfig, UpstreamUrl};
 use crate::providers::{CredentialHeader, Provider, ProviderKind};
-use crate::store::mask_secret;
 use crate::telemetry::{self, ProviderSeries};
 
 /// One configured provider, ready for the hot path.
@@ -30,12 +31,12 @@ pub struct ProviderRoute {
     pub kind: ProviderKind,
     pub adapter: &'static dyn Provider,
     pub upstream: UpstreamUrl,
-    /// The central key, read from the environment at start. Never logged.
-    pub central_key: Option<String>,
-    /// The central key masked for records (`sk-…abcd`), computed once.
-    pub central_key_hint: Option<String>,
+    /// The central keys, read from the environment when the config is loaded. Never logged.
+    pub keys: KeyPool,
+    pub breakers: Arc<Breakers>,
     pub connect_timeout: Duration,
-    pub read_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
     /// This route's metric handles, taken on first use.
     series: OnceLock<Arc<ProviderSeries>>,
 }
@@ -46,7 +47,7 @@ impl std::fmt::Debug for ProviderRoute {
             .field("name", &self.name)
             .field("kind", &self.kind)
             .field("upstream", &self.upstream)
-            .field("central_key", &self.central_key.as_ref().map(|_| "<set>"))
+            .field("keys", &self.keys)
             .finish()
     }
 }
@@ -57,20 +58,27 @@ impl ProviderRoute {
         cfg: &ProviderConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> ProviderRoute {
-        let central_key = cfg
-            .api_key_env
-            .as_deref()
-            .and_then(env)
-            .filter(|k| !k.trim().is_empty());
+        // Labels are positions in the configured list, so a missing variable does not shift
+        // the names of the keys after it.
+        let keys = cfg
+            .central_key_envs()
+            .enumerate()
+            .filter_map(|(i, var)| {
+                env(var)
+                    .filter(|k| !k.trim().is_empty())
+                    .map(|k| (i.to_string(), k.trim().to_string()))
+            })
+            .collect();
         ProviderRoute {
             name: name.to_string(),
             kind: cfg.kind,
             adapter: cfg.kind.adapter(),
             upstream: cfg.base_url.clone(),
-            central_key_hint: central_key.as_deref().map(mask_secret),
-            central_key,
+            keys: KeyPool::new(name, keys, cfg.key_cooldown),
+            breakers: Breakers::new(name, cfg.breaker),
             connect_timeout: cfg.connect_timeout,
-            read_timeout: cfg.read_timeout,
+            first_byte_timeout: cfg.first_byte_timeout,
+            idle_timeout: cfg.idle_timeout,
             series: OnceLock::new(),
         }
     }
@@ -94,8 +102,11 @@ impl ProviderRoute {
         let mut peer = HttpPeer::new(addr, self.upstream.tls, self.upstream.host.clone());
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.total_connection_timeout = Some(self.connect_timeout * 2);
-        peer.options.read_timeout = Some(self.read_timeout);
-        peer.options.write_timeout = Some(Duration::from_secs(60));
+        // A backstop only: the gateway times the first byte and each body read itself, so it
+        // can say which one fired.
+        peer.options.read_timeout =
+            Some(self.first_byte_timeout.max(self.idle_timeout) + Duration::from_secs(1));
+        peer.options.write_timeout = Some(super::UPSTREAM_WRITE_TIMEOUT);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.alpn = if self.upstream.tls {
             ALPN::H2H1
@@ -240,9 +251,14 @@ mod tests {
             kind,
             base_url: UpstreamUrl::parse(url).unwrap(),
             api_key_env: Some("K".into()),
+            api_key_envs: vec![],
+            key_cooldown: Duration::from_secs(60),
             mitm_hosts: vec![],
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
+            first_byte_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            breaker: Default::default(),
         };
         ProviderRoute::from_config("p", &cfg, |_| Some("sk-central".into()))
     }

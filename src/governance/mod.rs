@@ -119,16 +119,20 @@ struct SharedSpend {
 
 /// Per-replica governance state.
 pub struct Governance {
-    budgets: BudgetConfig,
-    config_prices: Vec<PriceOverride>,
+    // The config-derived parts are behind locks so a SIGHUP reload can replace them
+    // (`reconfigure`); the ledger and the hydration mark are never replaced.
+    budgets: RwLock<BudgetConfig>,
+    config_prices: RwLock<Vec<PriceOverride>>,
     limits: RwLock<Arc<BudgetLimits>>,
     prices: RwLock<Arc<PriceBook>>,
     ledger: SpendLedger,
-    rate: RateLimiter,
-    concurrency: ConcurrencyLimiter,
+    rate: RwLock<Arc<RateLimiter>>,
+    concurrency: RwLock<Arc<ConcurrencyLimiter>>,
     /// Start of the period the ledger was last hydrated for.
     hydrated_period: RwLock<Option<DateTime<Utc>>>,
     shared: Option<SharedSpend>,
+    /// (requests_per_minute, max_concurrent) the limiters were built with.
+    limits_config: RwLock<(u32, u32)>,
 }
 
 impl Governance {
@@ -140,15 +144,23 @@ impl Governance {
             policy: config.budgets.group_policy,
         };
         let gov = Governance {
-            budgets: config.budgets.clone(),
-            config_prices: config.pricing.clone(),
+            budgets: RwLock::new(config.budgets.clone()),
+            config_prices: RwLock::new(config.pricing.clone()),
             limits: RwLock::new(Arc::new(limits)),
             prices: RwLock::new(Arc::new(PriceBook::builtin())),
             ledger: SpendLedger::new(),
-            rate: RateLimiter::new(config.limits.requests_per_minute),
-            concurrency: ConcurrencyLimiter::new(config.limits.max_concurrent),
+            rate: RwLock::new(Arc::new(RateLimiter::new(
+                config.limits.requests_per_minute,
+            ))),
+            concurrency: RwLock::new(Arc::new(ConcurrencyLimiter::new(
+                config.limits.max_concurrent,
+            ))),
             hydrated_period: RwLock::new(None),
             shared: None,
+            limits_config: RwLock::new((
+                config.limits.requests_per_minute,
+                config.limits.max_concurrent,
+            )),
         };
         gov.apply_prices(&[]);
         gov
@@ -166,7 +178,7 @@ impl Governance {
 
     /// Start of the budget period `at` falls in.
     pub fn period_start(&self, at: DateTime<Utc>) -> DateTime<Utc> {
-        budget::period_bounds(self.budgets.period, at).0
+        budget::period_bounds(self.budgets.read().period, at).0
     }
 
     pub fn prices(&self) -> Arc<PriceBook> {
@@ -177,9 +189,11 @@ impl Governance {
     /// the request ends.
     pub fn check_rate(&self, user: Uuid) -> Result<ConcurrencyPermit, Denial> {
         self.rate
+            .read()
             .check(user)
             .map_err(|retry_after| Denial::RateLimited { retry_after })?;
         self.concurrency
+            .read()
             .acquire(user)
             .map_err(|e| Denial::TooManyInFlight { limit: e.limit })
     }
@@ -195,14 +209,15 @@ impl Governance {
         now: DateTime<Utc>,
     ) -> Result<Admission, Denial> {
         let price = self.prices().lookup(model).copied();
-        if price.is_none() && self.budgets.unpriced == UnpricedPolicy::Deny {
+        let budgets = self.budgets.read().clone();
+        if price.is_none() && budgets.unpriced == UnpricedPolicy::Deny {
             return Err(Denial::Unpriced {
                 model: model.to_string(),
             });
         }
         let limits = self.limits.read().clone();
         let cap = budget::resolve_cap(&limits, principal.user_id, &principal.group_ids);
-        let (period_start, reset) = budget::period_bounds(self.budgets.period, now);
+        let (period_start, reset) = budget::period_bounds(budgets.period, now);
         let estimate = match &price {
             Some(p) => {
                 let output = max_output_tokens.or(p.output_limit).unwrap_or(4096);
@@ -239,6 +254,10 @@ impl Governance {
             return Ok(admission);
         };
         let id = Uuid::now_v7();
+        let (ttl, when_down) = {
+            let budgets = self.budgets.read();
+            (budgets.reservation_ttl, budgets.when_database_down)
+        };
         let answer = shared
             .store
             .on_hot_path(shared.store.reserve_shared(
@@ -248,7 +267,7 @@ impl Governance {
                 c.cap,
                 c.estimate,
                 shared.replica,
-                self.budgets.reservation_ttl,
+                ttl,
             ))
             .await;
         match answer {
@@ -278,9 +297,9 @@ impl Governance {
                 metrics::counter!(crate::telemetry::metric::BUDGET_STORE_ERRORS_TOTAL).increment(1);
                 let now = Utc::now().timestamp();
                 if now - shared.last_warned.swap(now, Ordering::Relaxed) >= 10 {
-                    tracing::warn!(policy = ?self.budgets.when_database_down, "shared budget store unreachable; capped requests decided by budgets.when_database_down");
+                    tracing::warn!(policy = ?when_down, "shared budget store unreachable; capped requests decided by budgets.when_database_down");
                 }
-                match self.budgets.when_database_down {
+                match when_down {
                     DatabaseDownPolicy::Local => Ok(admission),
                     DatabaseDownPolicy::Refuse => {
                         self.release(admission);
@@ -340,7 +359,7 @@ impl Governance {
     pub fn budget_view(&self, user: Uuid, group_ids: &[Uuid], now: DateTime<Utc>) -> BudgetView {
         let limits = self.limits.read().clone();
         let resolved = budget::resolve_cap(&limits, user, group_ids);
-        let (period_start, reset) = budget::period_bounds(self.budgets.period, now);
+        let (period_start, reset) = budget::period_bounds(self.budgets.read().period, now);
         let (spent, reserved) = self.ledger.snapshot(user);
         BudgetView {
             cap: resolved.as_ref().map(|(c, _)| *c),
@@ -356,11 +375,12 @@ impl Governance {
     /// over (or on first run). Called at start and every few seconds.
     pub async fn refresh(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
         let rows = store.spend_limits().await?;
+        let budgets = self.budgets.read().clone();
         let mut limits = BudgetLimits {
-            default: self.budgets.default_limit,
+            default: budgets.default_limit,
             groups: HashMap::new(),
             users: HashMap::new(),
-            policy: self.budgets.group_policy,
+            policy: budgets.group_policy,
         };
         for row in rows {
             match (row.scope.as_str(), row.scope_id) {
@@ -381,7 +401,7 @@ impl Governance {
         let overrides = store.price_overrides().await?;
         self.apply_prices(&overrides);
 
-        let (period_start, _) = budget::period_bounds(self.budgets.period, now);
+        let (period_start, _) = budget::period_bounds(budgets.period, now);
         let stale = self.hydrated_period.read().is_none_or(|p| p < period_start);
         match &self.shared {
             // Every replica writes spend: reload it every time, not only on roll-over.
@@ -392,7 +412,7 @@ impl Governance {
                 let live: Vec<Uuid> = shared.live.lock().iter().copied().collect();
                 shared
                     .store
-                    .renew_shared_reservations(shared.replica, &live, self.budgets.reservation_ttl)
+                    .renew_shared_reservations(shared.replica, &live, budgets.reservation_ttl)
                     .await?;
                 if let Some(spent) = shared.store.shared_spend(period_start).await? {
                     self.ledger.hydrate(period_start, spent);
@@ -406,14 +426,41 @@ impl Governance {
             }
             None => {}
         }
-        self.rate.retain_recent();
+        self.rate.read().retain_recent();
         Ok(())
+    }
+
+    /// Takes a reloaded configuration's prices, budget defaults and request limits (the caller
+    /// then calls `refresh` so store overrides are layered on top again). The budget period is
+    /// not changed: the ledger is hydrated per period. A changed limiter starts empty: requests
+    /// already in flight are not counted against a new concurrency limit.
+    pub fn reconfigure(&self, config: &Config) {
+        {
+            let mut budgets = self.budgets.write();
+            let period = budgets.period;
+            *budgets = BudgetConfig {
+                period,
+                ..config.budgets.clone()
+            };
+        }
+        *self.config_prices.write() = config.pricing.clone();
+        if self.limits_config.read().0 != config.limits.requests_per_minute {
+            *self.rate.write() = Arc::new(RateLimiter::new(config.limits.requests_per_minute));
+        }
+        if self.limits_config.read().1 != config.limits.max_concurrent {
+            *self.concurrency.write() =
+                Arc::new(ConcurrencyLimiter::new(config.limits.max_concurrent));
+        }
+        *self.limits_config.write() = (
+            config.limits.requests_per_minute,
+            config.limits.max_concurrent,
+        );
     }
 
     /// Shipped price book, then `[[pricing.models]]` from the config, then the store's overrides.
     fn apply_prices(&self, store_overrides: &[crate::store::PriceOverrideRow]) {
         let mut book = PriceBook::builtin();
-        for o in &self.config_prices {
+        for o in self.config_prices.read().iter() {
             book.insert(&o.provider, &o.model, o.price);
         }
         for o in store_overrides {

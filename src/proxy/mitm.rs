@@ -35,7 +35,7 @@ pub struct MitmHosts {
 impl MitmHosts {
     pub fn new(state: &GatewayState, leaves: &Arc<LeafCertCache>) -> Result<MitmHosts, TlsError> {
         let mut hosts = HashMap::new();
-        for (name, provider) in &state.config.providers {
+        for (name, provider) in &state.config().providers {
             let Some(route) = state.provider(name) else {
                 continue;
             };

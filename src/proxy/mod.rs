@@ -201,7 +201,7 @@ impl ForwardProxy {
             }
             None => None,
         };
-        let tunnel_conf = tunnel_server_conf(state.config.server.threads);
+        let tunnel_conf = tunnel_server_conf(state.config().server.threads);
         let mut tunnel_options = HttpServerOptions::default();
         tunnel_options.h2_idle_timeout = Some(config.idle_timeout);
         let gateway = Arc::new(pingora::proxy::http_proxy(

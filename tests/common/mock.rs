@@ -30,7 +30,9 @@
 //! - A [`MockResponse`] is built from [`MockResponse::json`], [`MockResponse::sse`],
 //!   [`MockResponse::bytes`] or [`MockResponse::fixture`] (`tests/fixtures/<name>`, by extension),
 //!   then refined with builder methods: `.status()`, `.header()`, `.chunking()`, `.delay()`,
-//!   `.first_byte_delay()`, `.transfer()`, `.reset_after()`, `.stall_after()`.
+//!   `.first_byte_delay()`, `.transfer()`, `.reset_after()`, `.stall_after()`, `.repeat()`,
+//!   `.repeat_forever()` (the body written again and again without being held more than once:
+//!   100 MB bodies and endless streams).
 //! - Timeline of a response: wait `first_byte_delay`; write the status line and headers; write the
 //!   body pieces given by [`Chunking`], flushing each one (TCP_NODELAY is set) and waiting
 //!   `delay_between_chunks` between consecutive pieces; with [`Transfer::Chunked`] each piece is
@@ -66,6 +68,7 @@ struct Shared {
     handler: Box<Handler>,
     requests: Mutex<Vec<RecordedRequest>>,
     connections_accepted: AtomicUsize,
+    connections_closed: AtomicUsize,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl MockUpstream {
             handler: Box::new(handler),
             requests: Mutex::new(Vec::new()),
             connections_accepted: AtomicUsize::new(0),
+            connections_closed: AtomicUsize::new(0),
         });
         let accept_task = tokio::spawn(accept_connections(listener, Arc::clone(&shared)));
         MockUpstream {
@@ -150,6 +154,11 @@ impl MockUpstream {
     /// TCP connections accepted so far: 1 after several requests means they shared a connection.
     pub fn connections_accepted(&self) -> usize {
         self.shared.connections_accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that ended (closed by either side, or failed) so far; stalled ones never do.
+    pub fn connections_closed(&self) -> usize {
+        self.shared.connections_closed.load(Ordering::SeqCst)
     }
 }
 
@@ -301,6 +310,9 @@ pub struct MockResponse {
     /// Send this many body bytes, then hang until the mock is dropped.
     pub stall_after_bytes: Option<usize>,
     pub transfer: Transfer,
+    /// Write the body this many times in a row (`Some(1)`, the default, once; `None` without
+    /// end); `Content-Length` counts every copy.
+    pub repeat: Option<usize>,
 }
 
 impl MockResponse {
@@ -316,6 +328,7 @@ impl MockResponse {
             reset_after_bytes: None,
             stall_after_bytes: None,
             transfer: Transfer::ContentLength,
+            repeat: Some(1),
         }
     }
 
@@ -387,6 +400,18 @@ impl MockResponse {
         self
     }
 
+    /// The body `times` times in a row (a large body the mock holds only once).
+    pub fn repeat(mut self, times: usize) -> MockResponse {
+        self.repeat = Some(times);
+        self
+    }
+
+    /// The body again and again until the client goes away (use chunked or close-delimited).
+    pub fn repeat_forever(mut self) -> MockResponse {
+        self.repeat = None;
+        self
+    }
+
     fn has_header(&self, name: &str) -> bool {
         self.headers
             .iter()
@@ -444,6 +469,12 @@ async fn accept_connections(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let counted = Arc::clone(&shared);
+    serve_requests(stream, shared).await;
+    counted.connections_closed.fetch_add(1, Ordering::SeqCst);
+}
+
+async fn serve_requests(stream: TcpStream, shared: Arc<Shared>) {
     // Without this, Nagle's algorithm would merge the small writes a test asked to keep apart.
     if let Err(error) = stream.set_nodelay(true) {
         eprintln!("mock upstream: TCP_NODELAY: {error}");
@@ -513,10 +544,11 @@ async fn write_response(
 
     let cut = response.cut();
     let mut budget = cut.map_or(usize::MAX, |(limit, _)| limit);
-    for (index, piece) in response
-        .chunking
-        .split(&response.body)
-        .into_iter()
+    let pieces = response.chunking.split(&response.body);
+    let copies = response.repeat.unwrap_or(usize::MAX);
+    for (index, piece) in std::iter::repeat_n(pieces.iter(), copies)
+        .flatten()
+        .copied()
         .enumerate()
     {
         let piece = &piece[..piece.len().min(budget)];
@@ -566,7 +598,11 @@ fn response_head(response: &MockResponse) -> Vec<u8> {
     }
     match response.transfer {
         Transfer::ContentLength if !response.has_header("content-length") => {
-            head.push_str(&format!("content-length: {}\r\n", response.body.len()));
+            let copies = response.repeat.unwrap_or(1);
+            head.push_str(&format!(
+                "content-length: {}\r\n",
+                response.body.len() * copies
+            ));
         }
         Transfer::Chunked if !response.has_header("transfer-encoding") => {
             head.push_str("transfer-encoding: chunked\r\n");

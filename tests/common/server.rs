@@ -99,6 +99,8 @@ pub struct TollgateBuilder {
     env: Vec<(String, String)>,
     /// `mitm_hosts` per provider name.
     mitm: Vec<(String, Vec<String>)>,
+    /// More keys inside `[providers.NAME]`, per provider name.
+    provider_extra: Vec<(String, String)>,
     /// `[proxy]` lines (after `enabled`, `listen`, `ca_cert`, `ca_key`) when the proxy is on.
     proxy: Option<String>,
     /// Files written into the instance's directory before it starts (path relative to it).
@@ -155,6 +157,12 @@ impl TollgateBuilder {
         self
     }
 
+    /// Extra keys inside `[providers.NAME]` (added with [`TollgateBuilder::provider`]).
+    pub fn provider_extra(mut self, name: &str, toml: &str) -> Self {
+        self.provider_extra.push((name.into(), toml.into()));
+        self
+    }
+
     /// Turns the proxy front door on, listening on 127.0.0.1:0 with the CA in `certs/ca.pem` and
     /// `certs/ca.key` (made with `tollgate ca init` unless given with [`TollgateBuilder::file`]).
     /// `extra` holds more `[proxy]` keys.
@@ -200,8 +208,14 @@ impl TollgateBuilder {
                 .find(|(n, _)| n == name)
                 .map(|(_, hosts)| format!("\nmitm_hosts = {hosts:?}"))
                 .unwrap_or_default();
+            let extra: String = self
+                .provider_extra
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, toml)| format!("\n{toml}"))
+                .collect();
             config.push_str(&format!(
-                "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"{env}{mitm}\n\n"
+                "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"{env}{mitm}{extra}\n\n"
             ));
         }
         for (path, contents) in &self.files {
@@ -341,6 +355,7 @@ impl Tollgate {
             extra: String::new(),
             env: Vec::new(),
             mitm: Vec::new(),
+            provider_extra: Vec::new(),
             proxy: None,
             files: Vec::new(),
             database: None,
@@ -350,6 +365,11 @@ impl Tollgate {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The server's process id (for signals and /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn listener_urls(&self) -> (Option<String>, Option<String>) {
