@@ -198,10 +198,14 @@ fn describe() {
 /// pingora's `log` output is bridged through the same subscriber.
 pub fn init_logging(structured: bool, level: &str) {
     use tracing_subscriber::EnvFilter;
+    // pingora's connection pool logs a benign race ("failed to acquire reusable stream": the
+    // idle watcher still held the connection, so a new one is opened) at error level, hundreds
+    // of times a minute under load. Connect and TLS failures reach Tollgate as errors and are
+    // logged and recorded there, so pingora's connector log adds nothing but noise.
     let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
         .or_else(|_| {
             EnvFilter::try_new(format!(
-                "{level},pingora=warn,pingora_core=warn,pingora_proxy=warn,sqlx=warn"
+                "{level},pingora=warn,pingora_core=warn,pingora_core::connectors=off,pingora_proxy=warn,sqlx=warn"
             ))
         })
         .unwrap_or_else(|_| EnvFilter::new("info"));
