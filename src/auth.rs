@@ -5,6 +5,10 @@
 //! sight of a key and once per TTL after that. Unknown keys are cached too (negatively), so a
 //! flood of bad keys cannot turn into a flood of queries.
 //!
+//! A presented key is never compared with a stored secret: only its digest is looked up (the
+//! database holds digests alone), and the cache compares digests in constant time, so response
+//! timing tells a prober nothing about how close a guess came.
+//!
 //! Not here: what a principal may do (governance, API roles).
 
 use std::collections::HashMap;
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use parking_lot::RwLock;
+use subtle::ConstantTimeEq;
 
 use crate::store::{hash_key, Principal, Store, StoreError};
 use crate::telemetry::metric;
@@ -67,9 +72,30 @@ struct CacheEntry {
 /// keys must not eat memory).
 const MAX_ENTRIES: usize = 100_000;
 
+/// The SHA-256 of a Tollgate key, as the cache holds it. Equality runs in constant time: a
+/// `HashMap` hit ends in an `==` on the digest, and an early-exit compare would let response
+/// timing reveal how many leading bytes a guessed key's digest shares with a real one.
+#[derive(Clone, Copy)]
+struct KeyDigest([u8; 32]);
+
+// Written out because `PartialEq` is: equal digests have equal bytes, so they hash alike.
+impl std::hash::Hash for KeyDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for KeyDigest {
+    fn eq(&self, other: &KeyDigest) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for KeyDigest {}
+
 /// Key hash → principal, refreshed from the store after `ttl`.
 pub struct KeyCache {
-    entries: RwLock<HashMap<[u8; 32], CacheEntry>>,
+    entries: RwLock<HashMap<KeyDigest, CacheEntry>>,
     ttl: Duration,
 }
 
@@ -84,7 +110,7 @@ impl KeyCache {
     /// A cached answer still within its TTL: `Some(None)` means "known bad key".
     pub fn cached(&self, hash: &[u8; 32]) -> Option<Option<Arc<Principal>>> {
         let entries = self.entries.read();
-        let e = entries.get(hash)?;
+        let e = entries.get(&KeyDigest(*hash))?;
         (e.fetched.elapsed() < self.ttl).then(|| e.principal.clone())
     }
 
@@ -94,7 +120,7 @@ impl KeyCache {
             entries.clear();
         }
         entries.insert(
-            hash,
+            KeyDigest(hash),
             CacheEntry {
                 principal,
                 fetched: Instant::now(),
@@ -171,6 +197,21 @@ mod tests {
         let h = headers(&[("authorization", "Basic abc")]);
         assert_eq!(presented_key(&h), None);
         assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn digests_compare_equal_only_when_every_byte_matches() {
+        let a = hash_key("tg_a");
+        assert!(KeyDigest(a) == KeyDigest(a));
+        for i in [0, 15, 31] {
+            let mut b = a;
+            b[i] ^= 0x01;
+            assert!(KeyDigest(a) != KeyDigest(b), "byte {i} differs");
+        }
+        let cache = KeyCache::new(Duration::from_secs(5));
+        cache.insert(a, None);
+        assert_eq!(cache.cached(&a), Some(None));
+        assert_eq!(cache.cached(&hash_key("tg_b")), None);
     }
 
     #[test]
