@@ -5,6 +5,10 @@
 //! sight of a key and once per TTL after that. Unknown keys are cached too (negatively), so a
 //! flood of bad keys cannot turn into a flood of queries.
 //!
+//! A presented key is never compared with a stored secret: only its digest is looked up (the
+//! database holds digests alone), and the cache compares digests in constant time, so response
+//! timing tells a prober nothing about how close a guess came.
+//!
 //! Not here: what a principal may do (governance, API roles).
 
 use std::collections::HashMap;
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use parking_lot::RwLock;
+use subtle::ConstantTimeEq;
 
 use crate::store::{hash_key, Principal, Store, StoreError};
 use crate::telemetry::metric;
@@ -72,10 +77,30 @@ const MAX_ENTRIES: usize = 100_000;
 
 /// How long a valid key's last lookup may serve while the database cannot be asked.
 const STALE_LIMIT: Duration = Duration::from_secs(3600);
+/// The SHA-256 of a Tollgate key, as the cache holds it. Equality runs in constant time: a
+/// `HashMap` hit ends in an `==` on the digest, and an early-exit compare would let response
+/// timing reveal how many leading bytes a guessed key's digest shares with a real one.
+#[derive(Clone, Copy)]
+struct KeyDigest([u8; 32]);
+
+// Written out because `PartialEq` is: equal digests have equal bytes, so they hash alike.
+impl std::hash::Hash for KeyDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for KeyDigest {
+    fn eq(&self, other: &KeyDigest) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for KeyDigest {}
 
 /// Key hash → principal, refreshed from the store after `ttl`.
 pub struct KeyCache {
-    entries: RwLock<HashMap<[u8; 32], CacheEntry>>,
+    entries: RwLock<HashMap<KeyDigest, CacheEntry>>,
     ttl: Duration,
 }
 
@@ -90,7 +115,7 @@ impl KeyCache {
     /// A cached answer still within its TTL: `Some(None)` means "known bad key".
     pub fn cached(&self, hash: &[u8; 32]) -> Option<Option<Arc<Principal>>> {
         let entries = self.entries.read();
-        let e = entries.get(hash)?;
+        let e = entries.get(&KeyDigest(*hash))?;
         (e.fetched.elapsed() < self.ttl).then(|| e.principal.clone())
     }
 
@@ -100,14 +125,14 @@ impl KeyCache {
     /// outage of the gateway. Keys never seen before are still refused.
     fn stale(&self, hash: &[u8; 32]) -> Option<Arc<Principal>> {
         let entries = self.entries.read();
-        let e = entries.get(hash)?;
+        let e = entries.get(&KeyDigest(*hash))?;
         let valid = e.principal.as_ref()?;
         (e.validated.elapsed() < STALE_LIMIT).then(|| valid.clone())
     }
 
     /// Serves a stale entry for another TTL before the database is asked again.
     fn touch(&self, hash: &[u8; 32]) {
-        if let Some(e) = self.entries.write().get_mut(hash) {
+        if let Some(e) = self.entries.write().get_mut(&KeyDigest(*hash)) {
             e.fetched = Instant::now();
         }
     }
@@ -118,7 +143,7 @@ impl KeyCache {
             entries.clear();
         }
         entries.insert(
-            hash,
+            KeyDigest(hash),
             CacheEntry {
                 principal,
                 fetched: Instant::now(),
@@ -215,6 +240,21 @@ mod tests {
         let h = headers(&[("authorization", "Basic abc")]);
         assert_eq!(presented_key(&h), None);
         assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn digests_compare_equal_only_when_every_byte_matches() {
+        let a = hash_key("tg_a");
+        assert!(KeyDigest(a) == KeyDigest(a));
+        for i in [0, 15, 31] {
+            let mut b = a;
+            b[i] ^= 0x01;
+            assert!(KeyDigest(a) != KeyDigest(b), "byte {i} differs");
+        }
+        let cache = KeyCache::new(Duration::from_secs(5));
+        cache.insert(a, None);
+        assert_eq!(cache.cached(&a), Some(None));
+        assert_eq!(cache.cached(&hash_key("tg_b")), None);
     }
 
     #[test]

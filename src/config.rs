@@ -460,6 +460,21 @@ fn apply_env_overrides(
     }
 }
 
+/// A key as it appears in a problem's path: bare when TOML allows it bare, else quoted as TOML
+/// writes it (`""`, `"a.b"`, `'a"b'`), so such keys are named exactly rather than as an empty
+/// or misleadingly dotted path.
+fn key_segment(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if bare {
+        key.to_string()
+    } else {
+        Value::String(key.to_string()).to_string()
+    }
+}
+
 /// Sets `path` in the tree, creating tables on the way; fails with the segment that is not a table.
 fn set_path(table: &mut Table, path: &[String], value: Value) -> Result<(), String> {
     match path {
@@ -514,7 +529,7 @@ impl<'p> Reader<'p> {
         ];
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
-                self.problem(key.clone(), "unknown section");
+                self.problem(key_segment(key), "unknown section");
             }
         }
         let server_table = self.section(root, "server");
@@ -757,7 +772,7 @@ impl<'p> Reader<'p> {
     fn unknown_keys(&mut self, t: &Table, section: &str, known: &[&str]) {
         for key in t.keys() {
             if !known.contains(&key.as_str()) {
-                self.problem(format!("{section}.{key}"), "unknown key");
+                self.problem(format!("{section}.{}", key_segment(key)), "unknown key");
             }
         }
     }
@@ -989,7 +1004,7 @@ impl<'p> Reader<'p> {
             }
         };
         for (name, value) in &table {
-            let path = format!("providers.{name}");
+            let path = format!("providers.{}", key_segment(name));
             if !valid_route_name(name) {
                 self.problem(
                     &path,
@@ -1498,6 +1513,32 @@ mod tests {
         assert_eq!(c.limits.max_body_bytes, 33_554_432);
         assert_eq!(c.providers.len(), 2);
         assert!(c.keys.central_api_key_enabled);
+    }
+
+    /// Regression (found by the `config` fuzz target): `[""]` was reported as ": unknown
+    /// section", a problem with an empty key path that names nothing.
+    #[test]
+    fn keys_that_are_not_bare_are_quoted_in_problem_paths() {
+        for (text, path) in [
+            ("[\"\"]", "\"\""),
+            ("[\"a.b\"]", "\"a.b\""),
+            ("[server]\n\"x y\" = 1", "server.\"x y\""),
+            ("[server]\n\"\" = 1", "server.\"\""),
+            ("[providers.\"\"]\nkind = \"openai\"", "providers.\"\""),
+            (
+                "[providers.\"a\\\"b\"]\nkind = \"openai\"",
+                "providers.'a\"b'",
+            ),
+            ("[nope]", "nope"),
+        ] {
+            let err = parse(text).unwrap_err();
+            let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+            assert!(paths.contains(&path), "{text:?} gave {paths:?}");
+            assert!(
+                paths.iter().all(|p| !p.is_empty()),
+                "{text:?} gave {paths:?}"
+            );
+        }
     }
 
     #[test]

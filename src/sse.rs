@@ -62,8 +62,9 @@ impl SseParser {
         Self::with_max_event_bytes(MAX_EVENT_BYTES)
     }
 
-    /// A parser with a different event size limit (tests use a small one).
-    pub(crate) fn with_max_event_bytes(max_event_bytes: usize) -> Self {
+    /// A parser with a different event size limit (tests and fuzz targets use a small one).
+    #[doc(hidden)]
+    pub fn with_max_event_bytes(max_event_bytes: usize) -> Self {
         SseParser {
             line: Vec::new(),
             data: Vec::new(),

@@ -106,10 +106,20 @@ impl Provider for OpenAi {
     }
 }
 
-/// `/v1/models/{id}`-style paths: exactly one non-empty segment after `prefix`.
+/// `/v1/models/{id}`-style paths: exactly one segment after `prefix` that is a plain id.
+///
+/// The raw path goes upstream with Tollgate's central key, so a segment the upstream (or a proxy
+/// in front of it) could resolve elsewhere is refused: `.` and `..`, and any percent-encoding or
+/// backslash (`..%2F..%2Ffiles` decodes to a walk out of `/v1/models`). Real model and response
+/// ids (`gpt-4o-2024-08-06`, `ft:gpt-4o:org::id`, `resp_123`) need none of that.
 pub(super) fn is_one_segment_under(path: &str, prefix: &str) -> bool {
-    path.strip_prefix(prefix)
-        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+    path.strip_prefix(prefix).is_some_and(|id| {
+        !id.is_empty()
+            && id.bytes().any(|b| b != b'.')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:@~+".contains(&b))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1157,11 +1167,47 @@ pub(super) mod tests {
             ),
             (Method::POST, "/v1/embeddings", RouteMatch::NotFound),
             (Method::POST, "/chat/completions", RouteMatch::NotFound),
+            (
+                Method::GET,
+                "/v1/models/ft:gpt-4o-mini-2024-07-18:acme::AbC12",
+                RouteMatch::Passthrough,
+            ),
+            (Method::GET, "/v1/models/gpt-4.1", RouteMatch::Passthrough),
         ];
         for (method, path, expected) in cases {
             assert_eq!(openai.route(&method, path), expected, "{method} {path}");
         }
         assert_eq!(openai.credential_header(), CredentialHeader::Bearer);
+    }
+
+    /// Regression: `GET /openai/v1/models/..` went upstream as a passthrough with the central
+    /// key, and an upstream that normalises or decodes the path would have answered another
+    /// endpoint (`..%2F..%2Ffiles`: the organisation's files).
+    #[test]
+    fn id_segments_that_could_leave_their_collection_are_not_routes() {
+        for id in [
+            ".",
+            "..",
+            "...",
+            "%2e%2e",
+            "..%2F..%2Ffiles",
+            "a%2Fb",
+            "..%5Cadmin",
+            "a\\b",
+            "a b",
+            "a?b",
+            "a#b",
+            "%00",
+        ] {
+            for prefix in ["/v1/models/", "/v1/responses/"] {
+                let path = format!("{prefix}{id}");
+                assert_eq!(
+                    OpenAi::FULL.route(&Method::GET, &path),
+                    RouteMatch::NotFound,
+                    "{path}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ use crate::telemetry::metric;
 use crate::tls::{LeafCertCache, MitmCa, TlsError};
 
 use destination::DestinationPolicy;
-pub use head::{proxy_key, Authority, HeadError, RequestHead};
+pub use head::{parse_head, proxy_key, Authority, HeadError, RequestHead};
 use mitm::{MitmHost, MitmHosts};
 use stream::PrefixedStream;
 use tunnel::{DialError, TunnelEnd};
