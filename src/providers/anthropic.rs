@@ -635,6 +635,27 @@ data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta"
     }
 
     proptest! {
+        /// Usage, tool calls, thoughts and ids do not depend on where the stream is cut.
+        #[test]
+        fn fixture_stream_split_anywhere_parses_alike(
+            points in proptest::collection::vec(any::<usize>(), 0..40),
+        ) {
+            let mut points: Vec<usize> =
+                points.into_iter().map(|p| p % (MESSAGES_STREAM.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for point in points {
+                chunks.push(&MESSAGES_STREAM[start..point]);
+                start = point;
+            }
+            chunks.push(&MESSAGES_STREAM[start..]);
+            prop_assert_eq!(
+                summarise_chunks(&Anthropic, Endpoint::Messages, true, chunks),
+                summarise(true, MESSAGES_STREAM)
+            );
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(
             prefix_len in 0..MESSAGES_STREAM.len(),
