@@ -70,6 +70,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     crate::reload::install(background.handle(), state.clone(), config_path)
         .context("cannot install the SIGHUP handler")?;
     telemetry::prometheus();
+    background.spawn(telemetry::metrics_upkeep());
     // The CA is checked before any listener opens: a bad one stops the start with its reason.
     let forward_proxy = if config.proxy.enabled {
         Some(ForwardProxy::new(state.clone(), &config.proxy)?)

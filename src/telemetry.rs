@@ -56,6 +56,19 @@ pub mod metric {
 
 /// Installs the process-wide Prometheus recorder once and returns its handle (tests may start
 /// several servers in one process; they share it).
+/// Folds histogram samples into their buckets every few seconds. The Prometheus recorder keeps
+/// each observation until it is folded, which otherwise happens only when `/metrics` is
+/// scraped: with no scraper, memory grew by every request's samples (found by the soak
+/// benchmark: +0.6 MB a minute at 90 requests/s).
+pub async fn metrics_upkeep() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        prometheus().run_upkeep();
+    }
+}
+
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
