@@ -1548,8 +1548,14 @@ struct StreamsResult {
     rss_open_kb: u64,
     hwm_kb: u64,
     rss_after_kb: u64,
+    /// `AFTER_CLOSE_LATER_SECS` later.
+    rss_later_kb: u64,
     fds_open: usize,
 }
+
+/// The memory test's second RSS sample after the streams closed, this many seconds after the
+/// first (one second after they closed).
+const AFTER_CLOSE_LATER_SECS: u64 = 6;
 
 impl StreamsResult {
     fn per_stream_kb(&self) -> f64 {
@@ -1675,6 +1681,9 @@ async fn streams_test(
     }
     mock.release_streams(false);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after_kb = proc::status_kb(tollgate_pid, "VmRSS").unwrap_or(0);
+    // Tollgate hands freed heap back to the OS every few seconds (glibc keeps it otherwise).
+    tokio::time::sleep(Duration::from_secs(AFTER_CLOSE_LATER_SECS)).await;
     StreamsResult {
         wanted,
         attempted: n,
@@ -1686,7 +1695,8 @@ async fn streams_test(
         rss_before_kb,
         rss_open_kb,
         hwm_kb,
-        rss_after_kb: proc::status_kb(tollgate_pid, "VmRSS").unwrap_or(0),
+        rss_after_kb,
+        rss_later_kb: proc::status_kb(tollgate_pid, "VmRSS").unwrap_or(0),
         fds_open,
     }
 }
@@ -1831,8 +1841,8 @@ fn render_report(r: &Report) -> String {
             out,
             "\nConcurrent streams: {} of {} wanted{} opened through Tollgate in {:.1} s and held \
              5 s ({} completed, {} failed; {} Tollgate fds open). Tollgate RSS {:.1} MB before, \
-             {:.1} MB with all open (peak {:.1} MB), {:.1} MB after they closed: {:.1} KB per \
-             stream{}.",
+             {:.1} MB with all open (peak {:.1} MB), {:.1} MB 1 s after they closed, {:.1} MB {} s later: \
+             {:.1} KB per stream{}.",
             s.opened,
             s.wanted,
             if s.attempted < s.wanted {
@@ -1848,6 +1858,8 @@ fn render_report(r: &Report) -> String {
             s.rss_open_kb as f64 / 1024.0,
             s.hwm_kb as f64 / 1024.0,
             s.rss_after_kb as f64 / 1024.0,
+            s.rss_later_kb as f64 / 1024.0,
+            AFTER_CLOSE_LATER_SECS,
             s.per_stream_kb(),
             if s.opened < 10_000 {
                 format!(", {:.1} MB scaled to 10,000 streams", s.rss_at_10k_mb())

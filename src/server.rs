@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
@@ -66,6 +67,8 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         .block_on(state.governance.refresh(&state.store, chrono::Utc::now()))
         .context("cannot load budgets and prices")?;
     background.spawn(refresh_governance(state.clone()));
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    background.spawn(trim_heap());
     warn_about_missing_keys(&state);
     crate::reload::install(background.handle(), state.clone(), config_path)
         .context("cannot install the SIGHUP handler")?;
@@ -131,7 +134,13 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
             "https"
         }
         None => {
-            gateway.add_tcp(&gateway_addr.to_string());
+            // No L4 read buffer: pingora's HTTP/1 server reads the request head and body into
+            // its own buffers, so the default 64 KB one (zero-filled, per connection) only costs
+            // memory: ~64 KB resident for every open stream.
+            gateway.add_listener(
+                ListenerConfig::tcp(gateway_addr.to_string())
+                    .l4_buffer(L4BufferSettings::default().read(0)),
+            );
             "http"
         }
     };
@@ -174,6 +183,49 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     .map_err(|_| anyhow!("timed out connecting"))??;
     store.migrate().await?;
     Ok(store)
+}
+
+/// glibc keeps freed heap memory for reuse: after a burst of open streams (~60 KB each) ends,
+/// RSS would stay at the burst's peak. Every few seconds, when more than `TRIM_ABOVE` bytes lie
+/// free in malloc's arenas, hand the free pages back to the OS.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim_heap() {
+    /// glibc's `struct mallinfo2` (glibc 2.33 and later).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct MallInfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> MallInfo2;
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    const TRIM_ABOVE: usize = 32 << 20;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: both are thread-safe glibc calls without arguments that point anywhere;
+        // they lock each arena in turn while they walk it.
+        let trimmed = tokio::task::spawn_blocking(|| unsafe {
+            if mallinfo2().fordblks > TRIM_ABOVE {
+                malloc_trim(0);
+            }
+        })
+        .await;
+        if trimmed.is_err() {
+            return;
+        }
+    }
 }
 
 /// Every couple of seconds: caps and prices from the store (changes made through another

@@ -212,7 +212,10 @@ impl Gateway {
 /// Per-request state.
 #[derive(Default)]
 pub struct RequestCtx {
-    interception: Option<OpenInterception>,
+    /// Boxed: the context is stored inline in pingora's per-connection future (and copied
+    /// between its states), so an inline interception made every open connection carry it
+    /// more than once.
+    interception: Option<Box<OpenInterception>>,
     /// The user's concurrency slot, released when the request ends.
     _permit: Option<ConcurrencyPermit>,
 }
@@ -352,7 +355,7 @@ impl ProxyHttp for Gateway {
     /// Closes the interception (on success, refusal after start, client abort or upstream break).
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(open) = ctx.interception.take() {
-            self.close_interception(open);
+            self.close_interception(*open);
         }
     }
 }
@@ -435,15 +438,16 @@ impl Gateway {
             .admit_shared(admission)
             .await
             .map_err(denial_refusal)?;
-        let mut open = self
-            .open_interception(session, &routed, endpoint, request, principal, &credential)
-            .await;
+        let mut open = Box::new(
+            self.open_interception(session, &routed, endpoint, request, principal, &credential)
+                .await,
+        );
         open.admission = Some(admission);
         open.breaker = breaker_ticket;
         ctx.interception = Some(open);
         self.exchange(
             session,
-            ctx.interception.as_mut(),
+            ctx.interception.as_deref_mut(),
             &routed,
             upstream_body,
             &credential,
