@@ -15,7 +15,6 @@ use tollgate::governance::pricing::ModelPrice;
 use tollgate::money::NanoUsd;
 use tollgate::providers::{TokenUsage, ToolCall};
 use tollgate::store::{CredentialKind, InterceptionRecord, InterceptionStatus, Store};
-use uuid::Uuid;
 
 const INTERCEPTIONS: usize = 100_000;
 const USERS: usize = 200;
@@ -118,7 +117,6 @@ async fn seed(path: &std::path::Path) {
         }
     }
     store.insert_interceptions(&batch).await.expect("insert");
-    let _: Uuid = users[0];
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -163,7 +163,8 @@ pub fn column_chart(
 ) {
     const H: f64 = 150.0;
     let n = items.len().max(1);
-    let col = 600.0 / n as f64;
+    // Few columns stay slim rather than one bar filling the chart.
+    let col = (600.0 / n as f64).min(48.0);
     let max = items.iter().map(|i| i.1).fold(0.0_f64, f64::max);
     w!(
         page,

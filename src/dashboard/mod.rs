@@ -667,7 +667,11 @@ async fn session_page(
             (n + 1),
             " · ",
             (t.interception_count),
-            " calls · $",
+            (if t.interception_count == 1 {
+                " call · $"
+            } else {
+                " calls · $"
+            }),
             (t.cost_usd),
             "</h2>"
         );
