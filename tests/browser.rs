@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The W3C WebDriver key of an element reference.
+const TAB: &str = "\u{E004}";
+const ENTER: &str = "\u{E007}";
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn http() -> reqwest::Client {
@@ -182,6 +184,28 @@ impl Browser {
         .await;
     }
 
+    /// Presses one key (a WebDriver key code such as TAB) on whatever has the focus.
+    async fn press(&self, key: &str) {
+        let actions = json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+            {"type": "keyDown", "value": key}, {"type": "keyUp", "value": key}
+        ]}]});
+        self.cmd(reqwest::Method::POST, "/actions", Some(actions))
+            .await;
+    }
+
+    /// The text of the focused element.
+    async fn focused_text(&self) -> String {
+        let v = self
+            .cmd(reqwest::Method::GET, "/element/active", None)
+            .await;
+        let e = v[ELEMENT].as_str().unwrap().to_string();
+        self.cmd(reqwest::Method::GET, &format!("/element/{e}/text"), None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     async fn source(&self) -> String {
         self.cmd(reqwest::Method::GET, "/source", None)
             .await
@@ -297,6 +321,15 @@ async fn the_dashboard_in_a_headless_browser() {
         .sum();
     assert_eq!(b.text("#period-count").await, count.to_string());
     b.screenshot("02-overview").await;
+    // Keyboard: the first Tab reaches the skip link, Enter follows it, the next Tab the nav.
+    b.press(TAB).await;
+    assert_eq!(b.focused_text().await, "Skip to content");
+    b.press(ENTER).await;
+    b.wait_url(|u| u.ends_with("#main")).await;
+    b.go(&format!("{site}/dashboard")).await;
+    b.press(TAB).await;
+    b.press(TAB).await;
+    assert_eq!(b.focused_text().await, "Overview");
 
     // Users: alice's spent is her own budget endpoint's.
     b.click("nav a[href='/dashboard/users']").await;

@@ -150,11 +150,15 @@ fn row<'a>(html: &'a str, marker: &str) -> &'a str {
 /// Two members with calls in two sessions, an admin with none, a seat limit of 2 (so the two
 /// seat holders are at 100 %: the warning).
 async fn seeded() -> (MockUpstream, Tollgate, String, String, String) {
+    seeded_with_seats(2).await
+}
+
+async fn seeded_with_seats(limit: u32) -> (MockUpstream, Tollgate, String, String, String) {
     let up = upstream().await;
     let tg = Tollgate::builder()
         .provider("openai", "openai", &up.base_url())
         .provider("anthropic", "anthropic", &up.base_url())
-        .extra("[seats]\nlimit = 2")
+        .extra(&format!("[seats]\nlimit = {limit}"))
         .start()
         .await;
     let admin = tg.admin_key("root");
@@ -549,4 +553,31 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
         .to_str()
         .unwrap()
         .contains("Max-Age=0"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_over_limit_seat_message_is_the_contracts_and_seats_within_limits_show_none() {
+    let (_up, tg, admin, _alice, _bob) = seeded_with_seats(1).await;
+    let cookie = sign_in(&tg, &admin).await;
+    let seats = api(&tg, &admin, "/api/v2/seats").await;
+    assert_eq!(seats["state"], "over");
+    let message = seats["message"].as_str().unwrap();
+    assert_eq!(
+        message,
+        "Your organization is using 2 / 1 AI seats (100% over the limit)."
+    );
+    let overview = page_ok(&tg, &cookie, "/dashboard").await;
+    assert!(
+        overview.contains(&format!(
+            "<p class=\"banner over\" role=\"status\" id=\"seat-banner\">{message}</p>"
+        )),
+        "{overview}"
+    );
+
+    let (_up, tg, admin, _alice, _bob) = seeded_with_seats(10).await;
+    let cookie = sign_in(&tg, &admin).await;
+    assert_eq!(api(&tg, &admin, "/api/v2/seats").await["state"], "ok");
+    assert!(!page_ok(&tg, &cookie, "/dashboard")
+        .await
+        .contains("seat-banner"));
 }

@@ -125,7 +125,12 @@ async fn every_page_renders_in_under_100_ms_with_100k_interceptions() {
     if skip_on_postgres("seeds a SQLite file directly") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    // TOLLGATE_SCALE_KEEP_DB=1 leaves the seeded database behind (to time queries in sqlite3).
+    if std::env::var_os("TOLLGATE_SCALE_KEEP_DB").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping the seeded database in {}", dir.path().display());
+    }
     let db = dir.path().join("scale.db");
     let started = Instant::now();
     seed(&db).await;

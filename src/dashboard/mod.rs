@@ -313,9 +313,14 @@ async fn render_overview(viewer: &Viewer, state: &Arc<GatewayState>) -> Result<H
 
     let from = period_start.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let q = |group: &str| uri(&format!("/?group_by={group}&from={}", query_value(&from)));
-    let Json(by_user) = usage::usage(State(state.clone()), viewer.caller(), q("user")).await?;
-    let Json(by_model) = usage::usage(State(state.clone()), viewer.caller(), q("model")).await?;
-    let Json(by_day) = usage::usage(State(state.clone()), viewer.caller(), q("day")).await?;
+    // Each rollup scans the period's interceptions; on separate pool connections they run side
+    // by side, so the page costs about one scan of wall time rather than three.
+    let (by_user, by_model, by_day) = tokio::join!(
+        usage::usage(State(state.clone()), viewer.caller(), q("user")),
+        usage::usage(State(state.clone()), viewer.caller(), q("model")),
+        usage::usage(State(state.clone()), viewer.caller(), q("day")),
+    );
+    let (Json(by_user), Json(by_model), Json(by_day)) = (by_user?, by_model?, by_day?);
     let period_cost: i64 = by_user.results.iter().map(|r| r.cost_nano_usd).sum();
     let period_count: i64 = by_user.results.iter().map(|r| r.interception_count).sum();
 
