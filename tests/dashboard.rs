@@ -195,6 +195,33 @@ async fn pages_render_seeded_data_with_the_apis_numbers() {
     assert_eq!(bad.status(), 401);
     assert!(bad.headers().get("set-cookie").is_none());
 
+    // Another site cannot sign a visitor in with a key of its choosing.
+    let forged = http()
+        .post(format!("{}/dashboard/sign-in", tg.admin))
+        .header("origin", "https://evil.example")
+        .form(&[("key", admin.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("set-cookie").is_none());
+    let opaque = http()
+        .post(format!("{}/dashboard/sign-in", tg.admin))
+        .header("origin", "null")
+        .form(&[("key", admin.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opaque.status(), 403);
+    let same_site = http()
+        .post(format!("{}/dashboard/sign-in", tg.admin))
+        .header("origin", tg.admin.as_str())
+        .form(&[("key", admin.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same_site.status(), 303);
+
     let cookie = sign_in(&tg, &admin).await;
     let mut all_pages = String::new();
 

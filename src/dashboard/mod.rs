@@ -52,7 +52,7 @@ pub fn router() -> Router<Arc<GatewayState>> {
 }
 
 /// Headers every page carries: nothing cached (pages show spend and prompts), nothing loaded
-/// from elsewhere, no framing.
+/// from elsewhere, no framing, no referrer leaving the dashboard.
 fn page_response(status: StatusCode, body: String) -> Response {
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
@@ -69,7 +69,9 @@ fn page_response(status: StatusCode, body: String) -> Response {
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    // Not `no-referrer`: that makes the browser send `Origin: null` with these pages' own
+    // forms, and the sign-in check needs their real origin. Other sites still get nothing.
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     resp
 }
 
@@ -226,6 +228,12 @@ async fn sign_in(
     headers: HeaderMap,
     Form(form): Form<SignInForm>,
 ) -> Response {
+    if !signin::same_origin(&headers) {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "This sign-in form did not come from this dashboard.",
+        );
+    }
     let key = form.key.trim();
     // Only a real key goes into the cookie, and only cookie-safe characters reach the header.
     let cookie_safe = !key.is_empty()

@@ -127,6 +127,26 @@ pub fn clear_cookie(headers: &HeaderMap) -> String {
     )
 }
 
+/// False when a browser says the form came from another site: its `Origin` names a different
+/// host than the one it sent the form to, or is `null` (what a browser sends for a cross-site
+/// form under a strict referrer policy; the dashboard's own pages use `same-origin`, so their
+/// forms carry the real origin). The sign-in form has no cookie (and so no CSRF token) yet, and
+/// this keeps another site from signing a visitor in with the attacker's key. No `Origin` (a
+/// non-browser client) passes.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    !host.is_empty() && origin_host == Some(host)
+}
+
 /// The principal of a key, if it is valid and not revoked.
 pub async fn resolve(state: &GatewayState, key: &str) -> Option<Arc<Principal>> {
     state
