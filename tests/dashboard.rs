@@ -567,6 +567,50 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     assert_eq!(mine["source"], "override");
     assert_eq!(mine["output"], "3.00");
 
+    // The remove buttons undo both through the API: alice may call again, the override is gone.
+    let editor = page_ok(&tg, &cookie, "/dashboard/budgets").await;
+    assert!(editor.contains(&format!("name=\"target\" value=\"{target}\"")));
+    let resp = post_form(
+        &tg,
+        &cookie,
+        "/dashboard/budgets/remove",
+        &[("target", &target)],
+    )
+    .await;
+    assert_eq!(resp.status(), 403, "removing needs the CSRF token too");
+    let resp = post_form(
+        &tg,
+        &cookie,
+        "/dashboard/budgets/remove",
+        &[("csrf", &csrf), ("target", &target)],
+    )
+    .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(api(&tg, &admin, "/api/v2/budgets").await["count"], 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while chat(&tg, &alice, "sess-alice", "allowed again?")
+        .await
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the removed cap still applies");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let resp = post_form(
+        &tg,
+        &cookie,
+        "/dashboard/pricing/remove",
+        &[("csrf", &csrf), ("model", "my-model")],
+    )
+    .await;
+    assert_eq!(resp.status(), 303);
+    let prices = api(&tg, &admin, "/api/v2/pricing").await;
+    assert!(!prices["prices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["model"] == "my-model" && p["source"] == "override"));
+
     // Sign-out needs the token too, then clears the cookie.
     assert_eq!(
         post_form(&tg, &cookie, "/dashboard/sign-out", &[])

@@ -47,7 +47,9 @@ pub fn router() -> Router<Arc<GatewayState>> {
         .route("/dashboard/usage", get(usage_page))
         .route("/dashboard/usage.csv", get(usage_csv))
         .route("/dashboard/budgets", get(budgets_page).post(save_budget))
+        .route("/dashboard/budgets/remove", post(remove_budget))
         .route("/dashboard/pricing", get(pricing_page).post(save_price))
+        .route("/dashboard/pricing/remove", post(remove_price))
         .route("/dashboard/assets/style.css", get(stylesheet))
 }
 
@@ -998,7 +1000,7 @@ async fn render_budgets(
     w!(&mut b, "<p class=\"muted\">Caps per ", (format!("{:?}", state.config().budgets.period).to_lowercase()),
         ". A user's own cap wins; else their groups' (", (format!("{:?}", state.config().budgets.group_policy).to_lowercase()),
         "); else the default.</p><table id=\"budgets\"><thead><tr><th scope=\"col\">Scope</th><th scope=\"col\">Applies to</th>",
-        "<th scope=\"col\" class=\"num\">Limit (USD)</th><th scope=\"col\">Updated</th></tr></thead><tbody>");
+        "<th scope=\"col\" class=\"num\">Limit (USD)</th><th scope=\"col\">Updated</th><th scope=\"col\">Remove</th></tr></thead><tbody>");
     for bud in &list.budgets {
         w!(
             &mut b,
@@ -1010,8 +1012,21 @@ async fn render_budgets(
             (bud.limit_usd),
             "</td><td>",
             (when(bud.updated_at)),
-            "</td></tr>"
+            "</td><td>"
         );
+        let target = match bud.scope_id {
+            Some(id) => format!("{}:{id}", bud.scope),
+            None => bud.scope.clone(),
+        };
+        remove_form(
+            &mut b,
+            "/dashboard/budgets/remove",
+            &viewer.csrf,
+            "target",
+            &target,
+            bud.scope_name.as_deref().unwrap_or("the default cap"),
+        );
+        w!(&mut b, "</td></tr>");
     }
     w!(&mut b, "</tbody></table><h2>Set a cap</h2><form class=\"editor\" method=\"post\" action=\"/dashboard/budgets\">",
         "<input type=\"hidden\" name=\"csrf\" value=\"", (viewer.csrf), "\">",
@@ -1156,7 +1171,7 @@ async fn render_pricing(
     w!(&mut b, "<button type=\"submit\">Save price</button></form><h2>Effective prices</h2><p class=\"muted\">USD per million tokens; overrides first.</p>",
         "<table id=\"prices\"><thead><tr><th scope=\"col\">Model</th><th scope=\"col\">Provider</th><th scope=\"col\" class=\"num\">Input</th>",
         "<th scope=\"col\" class=\"num\">Output</th><th scope=\"col\" class=\"num\">Cache read</th><th scope=\"col\" class=\"num\">Cache write</th>",
-        "<th scope=\"col\">Source</th></tr></thead><tbody>");
+        "<th scope=\"col\">Source</th><th scope=\"col\">Remove</th></tr></thead><tbody>");
     let mut prices: Vec<_> = list.prices.iter().collect();
     prices.sort_by_key(|p| (p.source != "override", p.model.clone()));
     for p in prices {
@@ -1176,8 +1191,19 @@ async fn render_pricing(
             (p.cache_write),
             "</td><td>",
             (p.source),
-            "</td></tr>"
+            "</td><td>"
         );
+        if p.source == "override" {
+            remove_form(
+                &mut b,
+                "/dashboard/pricing/remove",
+                &viewer.csrf,
+                "model",
+                &p.model,
+                &p.model,
+            );
+        }
+        w!(&mut b, "</td></tr>");
     }
     w!(&mut b, "</tbody></table>");
     page_response(status, layout(Some(viewer), Tab::Pricing, "Pricing", b))
@@ -1216,6 +1242,87 @@ async fn save_price(
     )
     .await
     {
+        Ok(_) => Redirect::to("/dashboard/pricing?saved=1").into_response(),
+        Err(e) => {
+            let message = editor_error(&e);
+            render_pricing(&viewer, &state, e.status(), Some(Err(&message))).await
+        }
+    }
+}
+
+/// A one-button form posting `name=value` (and the CSRF token) to `action`; `what` names the
+/// thing removed for screen readers.
+fn remove_form(
+    b: &mut Html,
+    action: &'static str,
+    csrf: &str,
+    name: &'static str,
+    value: &str,
+    what: &str,
+) {
+    w!(
+        b,
+        "<form method=\"post\" action=\"",
+        (action),
+        "\"><input type=\"hidden\" name=\"csrf\" value=\"",
+        (csrf),
+        "\"><input type=\"hidden\" name=\"",
+        (name),
+        "\" value=\"",
+        (value),
+        "\"><button type=\"submit\" class=\"remove\" aria-label=\"Remove ",
+        (what),
+        "\">Remove</button></form>"
+    );
+}
+
+async fn remove_budget(
+    viewer: Viewer,
+    State(state): State<Arc<GatewayState>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {
+        return refused;
+    }
+    let admin = match viewer.admin() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let target = form.get("target").cloned().unwrap_or_default();
+    let result = match target.split_once(':') {
+        Some((scope, id)) => {
+            budgets::delete_scoped_budget(
+                State(state.clone()),
+                admin,
+                ApiPath((scope.to_string(), id.to_string())),
+            )
+            .await
+        }
+        None => budgets::delete_default_budget(State(state.clone()), admin, ApiPath(target)).await,
+    };
+    match result {
+        Ok(_) => Redirect::to("/dashboard/budgets?saved=1").into_response(),
+        Err(e) => {
+            let message = editor_error(&e);
+            render_budgets(&viewer, &state, e.status(), Some(Err(&message))).await
+        }
+    }
+}
+
+async fn remove_price(
+    viewer: Viewer,
+    State(state): State<Arc<GatewayState>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {
+        return refused;
+    }
+    let admin = match viewer.admin() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let model = form.get("model").cloned().unwrap_or_default();
+    match budgets::delete_price(State(state.clone()), admin, ApiPath(model)).await {
         Ok(_) => Redirect::to("/dashboard/pricing?saved=1").into_response(),
         Err(e) => {
             let message = editor_error(&e);
