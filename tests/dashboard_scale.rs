@@ -190,16 +190,19 @@ async fn every_page_renders_in_under_100_ms_with_100k_interceptions() {
             times.push(t.elapsed());
             assert!(!body.is_empty());
         }
-        times.remove(0); // the first run warms the page cache
+        // The first load is the honest one for the overview (its figures are then reused for
+        // 15 s) and for any page on a cold SQLite page cache.
+        let first = times.remove(0);
         times.sort();
         let median = times[times.len() / 2];
         eprintln!(
-            "{path:45} median {:>7.1} ms  max {:>7.1} ms",
+            "{path:45} first {:>7.1} ms  median {:>7.1} ms  max {:>7.1} ms",
+            first.as_secs_f64() * 1e3,
             median.as_secs_f64() * 1e3,
             times[times.len() - 1].as_secs_f64() * 1e3
         );
-        if median > Duration::from_millis(100) {
-            slow.push((path, median));
+        if median.max(first) > Duration::from_millis(100) {
+            slow.push((path, median.max(first)));
         }
     }
     if cfg!(debug_assertions) {

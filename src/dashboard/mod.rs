@@ -321,16 +321,8 @@ async fn render_overview(viewer: &Viewer, state: &Arc<GatewayState>) -> Result<H
         ".</p>"
     );
 
-    let from = period_start.format("%Y-%m-%dT%H:%M:%SZ").to_string();
-    let q = |group: &str| uri(&format!("/?group_by={group}&from={}", query_value(&from)));
-    // Each rollup scans the period's interceptions; on separate pool connections they run side
-    // by side, so the page costs about one scan of wall time rather than three.
-    let (by_user, by_model, by_day) = tokio::join!(
-        usage::usage(State(state.clone()), viewer.caller(), q("user")),
-        usage::usage(State(state.clone()), viewer.caller(), q("model")),
-        usage::usage(State(state.clone()), viewer.caller(), q("day")),
-    );
-    let (Json(by_user), Json(by_model), Json(by_day)) = (by_user?, by_model?, by_day?);
+    let figures = period_figures(viewer, state, period_start).await?;
+    let (by_user, by_model, by_day) = (&figures.by_user, &figures.by_model, &figures.by_day);
     let period_cost: i64 = by_user.results.iter().map(|r| r.cost_nano_usd).sum();
     let period_count: i64 = by_user.results.iter().map(|r| r.interception_count).sum();
 
@@ -468,21 +460,78 @@ async fn render_overview(viewer: &Viewer, state: &Arc<GatewayState>) -> Result<H
     );
     w!(&mut b, "</div>");
 
-    // Interceptions per hour over the last day, one exact count query per hour bucket.
-    let now = Utc::now();
-    let this_hour = now.duration_trunc(Duration::hours(1)).unwrap_or(now);
-    let user_id = if viewer.is_admin() {
+    w!(&mut b, "<h2>Last 24 hours</h2>");
+    column_chart(&mut b, "Interceptions per hour (UTC)", &figures.hours, 3);
+    w!(
+        &mut b,
+        "<p class=\"muted\">Figures as of ",
+        (figures.computed_at.format("%H:%M:%S UTC")),
+        "; they are recomputed at most every ",
+        (FIGURES_TTL.as_secs()),
+        " s.</p>"
+    );
+    Ok(b)
+}
+
+/// The overview's rollups of the period and its last-24-hours counts.
+struct PeriodFigures {
+    by_user: usage::UsageReport,
+    by_model: usage::UsageReport,
+    by_day: usage::UsageReport,
+    hours: Vec<(String, f64, String)>,
+    computed_at: DateTime<Utc>,
+}
+
+/// How long the overview's figures are reused. Each rollup scans the whole period (tens of
+/// milliseconds at 100k interceptions), and a dashboard left open, or several admins, would
+/// otherwise repeat those scans on every load.
+const FIGURES_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+type FiguresCache =
+    HashMap<(Option<uuid::Uuid>, DateTime<Utc>), (std::time::Instant, Arc<PeriodFigures>)>;
+
+/// The period's figures for this viewer (everyone's for an admin, their own for a member),
+/// from the API's usage handler, reused for [`FIGURES_TTL`].
+async fn period_figures(
+    viewer: &Viewer,
+    state: &Arc<GatewayState>,
+    period_start: DateTime<Utc>,
+) -> Result<Arc<PeriodFigures>, ApiError> {
+    static CACHE: std::sync::OnceLock<parking_lot::Mutex<FiguresCache>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let scope = if viewer.is_admin() {
         None
     } else {
         Some(viewer.principal.user_id)
     };
+    let key = (scope, period_start);
+    if let Some((at, figures)) = cache.lock().get(&key) {
+        if at.elapsed() < FIGURES_TTL {
+            return Ok(figures.clone());
+        }
+    }
+    let from = period_start.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let q = |group: &str| uri(&format!("/?group_by={group}&from={}", query_value(&from)));
+    // On separate pool connections the three scans run side by side.
+    let (by_user, by_model, by_day) = tokio::join!(
+        usage::usage(State(state.clone()), viewer.caller(), q("user")),
+        usage::usage(State(state.clone()), viewer.caller(), q("model")),
+        usage::usage(State(state.clone()), viewer.caller(), q("day")),
+    );
+    let (Json(by_user), Json(by_model), Json(by_day)) = (by_user?, by_model?, by_day?);
+
+    // Interceptions per hour over the last day: one exact count per hour, each a short range
+    // of the started_at index.
+    let now = Utc::now();
+    let this_hour = now.duration_trunc(Duration::hours(1)).unwrap_or(now);
     let mut hours = Vec::with_capacity(24);
     for i in (0..24).rev() {
         let start = this_hour - Duration::hours(i);
         let filter = UsageFilter {
             from: Some(start),
             to: Some(start + Duration::hours(1)),
-            user_id,
+            user_id: scope,
             model: None,
         };
         let rows = state
@@ -497,9 +546,17 @@ async fn render_overview(viewer: &Viewer, state: &Arc<GatewayState>) -> Result<H
             format!("{n} interceptions"),
         ));
     }
-    w!(&mut b, "<h2>Last 24 hours</h2>");
-    column_chart(&mut b, "Interceptions per hour (UTC)", &hours, 3);
-    Ok(b)
+    let figures = Arc::new(PeriodFigures {
+        by_user,
+        by_model,
+        by_day,
+        hours,
+        computed_at: now,
+    });
+    let mut cache = cache.lock();
+    cache.retain(|_, (at, _)| at.elapsed() < FIGURES_TTL);
+    cache.insert(key, (std::time::Instant::now(), figures.clone()));
+    Ok(figures)
 }
 
 // ---------------------------------------------------------------------------------------------
