@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod clients;
 pub mod config;
+pub mod dashboard;
 pub mod gateway;
 pub mod governance;
 pub mod money;

@@ -84,8 +84,35 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // with our handle, which then renders only what it saw.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        register_known_series();
         handle
     })
+}
+
+/// Creates, at zero, the series whose label values are known before any traffic. An absent
+/// series makes `rate()` and alert rules return nothing rather than 0, so a dashboard panel for
+/// something that has not happened yet (no drop, no proxy CONNECT) would read "No data".
+/// Series labelled by provider or model appear with their first event.
+fn register_known_series() {
+    for name in [
+        metric::RECORDER_DROPPED_TOTAL,
+        metric::RECORDER_WRITTEN_TOTAL,
+        metric::RECORDER_WRITE_ERRORS_TOTAL,
+        metric::RECORDER_SPILLED_TOTAL,
+        metric::LEAF_CERTS_MINTED_TOTAL,
+        metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for mode in ["mitm", "tunnel", "denied"] {
+        metrics::counter!(metric::PROXY_CONNECTS_TOTAL, "mode" => mode).absolute(0);
+    }
+    for result in ["applied", "refused"] {
+        metrics::counter!(metric::CONFIG_RELOADS_TOTAL, "result" => result).absolute(0);
+    }
+    for name in [metric::RECORDER_QUEUE_DEPTH, metric::RECORDER_SPILL_PENDING] {
+        metrics::gauge!(name).increment(0.0);
+    }
 }
 
 fn describe() {

@@ -133,7 +133,10 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         tracing::error!(error = %e, "cannot render the OpenAPI document");
         "{}".to_string()
     });
+    // The dashboard's HTML pages share the listener but not the OpenAPI document: they are
+    // views over these handlers, not API.
     router
+        .merge(crate::dashboard::router())
         .fallback(no_route)
         .layer(Extension(system::OpenApiJson(Bytes::from(json))))
         .with_state(state)
