@@ -1081,14 +1081,18 @@ async fn a_reload_applies_inside_an_open_mitm_tunnel() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
+    // Each body is read to the end: a response dropped unread may take its connection (and so
+    // the tunnel) with it, and the next call would open a second CONNECT.
     let call = || async {
-        client
+        let resp = client
             .post("https://api.openai.com/v1/chat/completions")
             .json(&chat(false))
             .send()
             .await
-            .unwrap()
-            .status()
+            .unwrap();
+        let status = resp.status();
+        resp.bytes().await.unwrap();
+        status
     };
     assert_eq!(call().await, 401);
     assert_eq!(call().await, 503, "the only key is disabled");
