@@ -8,13 +8,12 @@
 //!
 //! Not here: the pages (`dashboard`), or key resolution itself (`crate::auth`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -69,19 +68,13 @@ impl Viewer {
     }
 }
 
-fn process_secret() -> &'static [u8; 32] {
-    static SECRET: OnceLock<[u8; 32]> = OnceLock::new();
-    SECRET.get_or_init(|| {
-        let mut s = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut s);
-        s
-    })
-}
-
+/// The form token of a sign-in: a hash of its key under a purpose prefix. Only someone holding
+/// the key (which lives in an HttpOnly cookie) can compute it, and it is the same on every
+/// replica, so a form rendered by one replica is accepted by another behind a load balancer.
+/// The prefix keeps it distinct from the stored key hash (`store::hash_key`).
 pub fn csrf_token(key: &str) -> String {
     let mut h = Sha256::new();
-    h.update(process_secret());
-    h.update(b"dashboard-csrf\0");
+    h.update(b"tollgate-dashboard-csrf\0");
     h.update(key.as_bytes());
     hex::encode(h.finalize())
 }
