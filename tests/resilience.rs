@@ -1163,3 +1163,91 @@ async fn a_client_trickling_its_request_head_is_disconnected() {
         "{m}"
     );
 }
+
+/// Leaf minting fails when the proxy's CA expires while Tollgate runs (a corporate CA not
+/// renewed in time): MITM handshakes for new tunnels fail with the reason in the log, nothing
+/// expired is ever served, and other traffic is unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_expiring_while_running_fails_new_mitm_handshakes_and_nothing_else() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Tollgate test CA, expiring");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::seconds(5);
+    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+    let expires = Instant::now() + Duration::from_secs(5);
+
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .mitm_hosts("openai", &["api.openai.com"])
+        .file("certs/ca.pem", ca_pem.clone())
+        .file("certs/ca.key", ca_key.serialize_pem())
+        .proxy("")
+        .start()
+        .await;
+    let key = tg.user_key("alice");
+    let (scheme, addr) = tg.proxy.split_once("://").unwrap();
+    // A fresh client per call: each opens its own tunnel and handshake.
+    let proxied = || {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::https(format!("{scheme}://tollgate:{key}@{addr}")).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let mitm = |client: reqwest::Client| async move {
+        client
+            .post("https://api.openai.com/v1/chat/completions")
+            .json(&chat(false))
+            .send()
+            .await
+    };
+    // While the CA is valid the MITM door works (the leaf is minted to expire with the CA).
+    let before = mitm(proxied()).await.expect("MITM while the CA is valid");
+    assert_eq!(before.status(), 200);
+
+    tokio::time::sleep(expires.saturating_duration_since(Instant::now()) + Duration::from_secs(1))
+        .await;
+    let after = mitm(proxied()).await;
+    assert!(
+        after.is_err(),
+        "a handshake after the CA expired: {after:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !tg.logs().iter().any(|l| {
+        l.contains("cannot mint a leaf certificate") && l.contains("the CA certificate expired")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no reason logged:\n{}",
+            tg.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The gateway door does not depend on the CA.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", tg.gateway))
+        .bearer_auth(&key)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        upstream.request_count(),
+        2,
+        "the failed handshake sent nothing upstream"
+    );
+}

@@ -47,6 +47,15 @@ impl MitmCa {
             host: host.to_string(),
             detail,
         };
+        // A CA that expired while Tollgate runs (a corporate CA not renewed in time) would sign
+        // leaves no client accepts: refuse to mint, so the handshake fails here with a reason in
+        // the log rather than at the client with "certificate expired".
+        if self.not_after <= now {
+            return Err(fail(format!(
+                "the CA certificate expired on {}; install a renewed CA (tollgate ca init, or the corporate one) and restart",
+                self.not_after
+            )));
+        }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| fail(e.to_string()))?;
         let mut params =
