@@ -119,3 +119,128 @@ async fn a_locked_sqlite_file_holds_records_reports_not_ready_and_loses_nothing(
     }
     eprintln!("locked for 8 s: {served} served, all recorded; /readyz said: {why}");
 }
+
+/// A small tmpfs mounted for the test and unmounted (and removed) on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (the test then says it skipped) where mounting is not allowed (not root).
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills what is left with a file, as another process filling the disk would.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_the_sqlite_file_holds_records_reports_not_ready_and_loses_nothing() {
+    if skip_on_postgres("fills the disk under the SQLite file") {
+        return;
+    }
+    let Some(disk) = SmallDisk::mount("8m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root); .ci/run runs as root");
+        return;
+    };
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .database(&disk.path().join("tollgate.db"))
+        .extra("[limits]\nrequests_per_minute = 0\n[recorder]\nspill_after_ms = 300")
+        .start()
+        .await;
+    let key = tg.user_key("writer");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let call = || async {
+        client
+            .post(format!("{}/openai/v1/chat/completions", tg.gateway))
+            .bearer_auth(&key)
+            .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(call().await, 200);
+    tg.wait_for_interceptions(1).await;
+
+    let filler = disk.fill();
+    let mut served = 1;
+    for _ in 0..150 {
+        assert_eq!(
+            call().await,
+            200,
+            "requests are served while the disk is full"
+        );
+        served += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reported = loop {
+        let (status, body) = readyz(&client, &tg).await;
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never reported the full disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let why = reported["recorder"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(why.contains("full"), "{reported}");
+    // Held, not dropped: on disk in the spill directory (another disk) until the database
+    // can write again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tg.logs().iter().any(|l| l.contains("spilled to disk")) {
+        assert!(
+            Instant::now() < deadline,
+            "records were not spilled:\n{}",
+            tg.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    std::fs::remove_file(filler).unwrap();
+    tg.wait_for_interceptions(served).await;
+    let n: i64 = tg.scalar("SELECT COUNT(*) FROM interceptions", &[]).await;
+    assert_eq!(n, served, "every interception recorded once");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz(&client, &tg).await.0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("disk full: {served} served, all recorded once space was back; /readyz said: {why}");
+    drop(tg);
+}

@@ -138,7 +138,24 @@ pub(super) async fn insert_batch_sqlite(
     if batch.is_empty() {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let written = write_batch_sqlite(&mut conn, batch).await;
+    if written.is_err() {
+        // A transaction whose COMMIT failed (SQLITE_FULL) can leave the connection holding the
+        // write lock with sqlx's rollback bookkeeping out of step: reused, it locked every
+        // other writer out and swallowed later batches in a transaction that never committed
+        // (found with a full disk). Closing the connection rolls back whatever is open.
+        let _ = conn.close().await;
+    }
+    written
+}
+
+async fn write_batch_sqlite(
+    conn: &mut sqlx::SqliteConnection,
+    batch: &[InterceptionRecord],
+) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
     let mut fresh = std::collections::HashSet::with_capacity(batch.len());
     for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
