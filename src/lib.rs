@@ -6,6 +6,9 @@
 //! `telemetry`, `proxy` (the HTTPS_PROXY front door), `tls` (its CA and certificates),
 //! `server` (start-up and shutdown), `reload` (SIGHUP).
 
+#[macro_use]
+mod stream_wrap;
+
 pub mod api;
 pub mod auth;
 pub mod clients;
