@@ -448,15 +448,6 @@ impl Drop for PrivatePostgres {
     }
 }
 
-async fn readyz(client: &reqwest::Client, tg: &Tollgate) -> u16 {
-    client
-        .get(format!("{}/readyz", tg.admin))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn interceptions_made_while_postgres_is_down_are_all_recorded_when_it_returns() {
     if skip_without_postgres("interceptions_made_while_postgres_is_down") {
@@ -472,7 +463,7 @@ async fn interceptions_made_while_postgres_is_down_are_all_recorded_when_it_retu
         .await;
     let key = tg.user_key("steady");
     let client = http();
-    assert_eq!(readyz(&client, &tg).await, 200);
+    assert_eq!(tg.readyz().await.0, 200);
 
     // Steady traffic: 4 clients, one request every 20 ms each, for the whole test.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -496,25 +487,11 @@ async fn interceptions_made_while_postgres_is_down_are_all_recorded_when_it_retu
     let before_outage = ok.load(Ordering::Relaxed);
     pg.down();
     // Readiness says so while it is down.
-    let down_at = Instant::now();
-    while readyz(&client, &tg).await != 503 {
-        assert!(
-            down_at.elapsed() < Duration::from_secs(5),
-            "/readyz never reported the database"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tg.wait_for_readyz(503, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let during_outage = ok.load(Ordering::Relaxed) - before_outage;
     pg.up();
-    let up_at = Instant::now();
-    while readyz(&client, &tg).await != 200 {
-        assert!(
-            up_at.elapsed() < Duration::from_secs(10),
-            "/readyz never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tg.wait_for_readyz(200, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {

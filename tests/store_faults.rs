@@ -9,18 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{skip_on_postgres, Tollgate};
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::Connection;
-
-async fn readyz(client: &reqwest::Client, tg: &Tollgate) -> (u16, Value) {
-    let resp = client
-        .get(format!("{}/readyz", tg.admin))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_sqlite_file_holds_records_reports_not_ready_and_loses_nothing() {
@@ -35,7 +25,7 @@ async fn a_locked_sqlite_file_holds_records_reports_not_ready_and_loses_nothing(
         .await;
     let key = tg.user_key("writer");
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    assert_eq!(readyz(&client, &tg).await.0, 200);
+    assert_eq!(tg.readyz().await.0, 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -80,7 +70,7 @@ async fn a_locked_sqlite_file_holds_records_reports_not_ready_and_loses_nothing(
     let locked = Instant::now();
     let mut reported = None;
     while locked.elapsed() < Duration::from_secs(8) {
-        let (status, body) = readyz(&client, &tg).await;
+        let (status, body) = tg.readyz().await;
         if status == 503 && reported.is_none() {
             reported = Some(body);
         }
@@ -112,11 +102,7 @@ async fn a_locked_sqlite_file_holds_records_reports_not_ready_and_loses_nothing(
     tg.wait_for_interceptions(served as i64).await;
     let n: i64 = tg.scalar("SELECT COUNT(*) FROM interceptions", &[]).await;
     assert_eq!(n as usize, served);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while readyz(&client, &tg).await.0 != 200 {
-        assert!(Instant::now() < deadline, "/readyz never recovered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tg.wait_for_readyz(200, Duration::from_secs(10)).await;
     eprintln!("locked for 8 s: {served} served, all recorded; /readyz said: {why}");
 }
 
@@ -203,18 +189,7 @@ async fn a_full_disk_under_the_sqlite_file_holds_records_reports_not_ready_and_l
         );
         served += 1;
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let reported = loop {
-        let (status, body) = readyz(&client, &tg).await;
-        if status == 503 {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never reported the full disk"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let reported = tg.wait_for_readyz(503, Duration::from_secs(15)).await;
     let why = reported["recorder"]
         .as_str()
         .unwrap_or_default()
@@ -236,11 +211,7 @@ async fn a_full_disk_under_the_sqlite_file_holds_records_reports_not_ready_and_l
     tg.wait_for_interceptions(served).await;
     let n: i64 = tg.scalar("SELECT COUNT(*) FROM interceptions", &[]).await;
     assert_eq!(n, served, "every interception recorded once");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while readyz(&client, &tg).await.0 != 200 {
-        assert!(Instant::now() < deadline, "/readyz never recovered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tg.wait_for_readyz(200, Duration::from_secs(10)).await;
     eprintln!("disk full: {served} served, all recorded once space was back; /readyz said: {why}");
     drop(tg);
 }

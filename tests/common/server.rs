@@ -546,6 +546,38 @@ impl Tollgate {
         }
     }
 
+    /// `GET /readyz`: the status (0 when the admin listener did not answer) and the body.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        match reqwest::Client::new()
+            .get(format!("{}/readyz", self.admin))
+            .send()
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+            }
+            Err(_) => (0, serde_json::Value::Null),
+        }
+    }
+
+    /// Polls `/readyz` until it answers `status`, failing the test after `within`; returns the
+    /// body it answered with (the reason, when not ready).
+    pub async fn wait_for_readyz(&self, status: u16, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (got, body) = self.readyz().await;
+            if got == status {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz did not answer {status} within {within:?}: last {got} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until the recorder has written at least `n` interceptions, on either backend.
     pub async fn wait_until_recorded(&self, n: i64) {
         if !on_postgres() {
