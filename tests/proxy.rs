@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::mock::{fixture_bytes, fixture_manifest, MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
+use common::tunnel::{connect_tunnel, der_of, read_h1_response, tls_client, tls_client_alpn};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use sqlx::{Row, SqlitePool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -247,88 +248,6 @@ async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Opens a CONNECT tunnel through the proxy and returns the socket once `200` has been read.
-async fn connect_tunnel(addr: &str, target: &str, key: Option<&str>) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let auth = key
-        .map(|k| {
-            use base64::Engine;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(format!("tollgate:{k}"));
-            format!("Proxy-Authorization: Basic {b64}\r\n")
-        })
-        .unwrap_or_default();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").as_bytes())
-        .await
-        .unwrap();
-    // Read the response head byte by byte so no tunnel byte is consumed.
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await {
-            Ok(Ok(1)) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    (s, String::from_utf8_lossy(&head).into_owned())
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length body: (status, body).
-async fn read_h1_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, Vec<u8>) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut byte).await.unwrap(),
-            1,
-            "connection closed mid-head"
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .expect("content-length");
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.unwrap();
-    (status, body)
-}
-
-fn tls_client(roots: &[CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
-    tls_client_alpn(roots, &[])
-}
-
-fn tls_client_alpn(
-    roots: &[CertificateDer<'static>],
-    alpn: &[&[u8]],
-) -> tokio_rustls::TlsConnector {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let mut config = config;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-fn der_of(pem: &str) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
 /// A CA made by the test (root or intermediate), as PEM, with its issuer handle.
 fn test_ca(
     cn: &str,
@@ -499,7 +418,7 @@ async fn keep_alive_and_http2_share_one_connect_each() {
             resp.bytes().await.unwrap();
             // Let the client put the connection back in its pool before the next request
             // (otherwise it may race a new CONNECT against the pooled one).
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     // Two clients, six requests, two CONNECTs: keep-alive (h1) and multiplexing (h2) inside.

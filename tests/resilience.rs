@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::mock::{fixture_bytes, Chunking, MockResponse, MockUpstream};
 use common::server::{Tollgate, TollgateBuilder};
+use common::tunnel::{connect_tunnel, der_of, read_h1_response, tls_client};
 use futures_util::StreamExt;
+use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1072,27 +1074,24 @@ async fn a_reload_applies_inside_an_open_mitm_tunnel() {
         .start()
         .await;
     let key = tg.user_key("alice");
-    let (scheme, addr) = tg.proxy.split_once("://").unwrap();
-    // One client, kept alive: every request below rides the same CONNECT tunnel.
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::https(format!("{scheme}://tollgate:{key}@{addr}")).unwrap())
-        .add_root_certificate(reqwest::Certificate::from_pem(tg.proxy_ca_pem().as_bytes()).unwrap())
-        .http1_only()
-        .timeout(Duration::from_secs(10))
-        .build()
+    // One TLS connection inside one CONNECT tunnel, by hand: an HTTP client's pool may race a
+    // second CONNECT against its pooled connection, and this test is about the first one.
+    let (tcp, head) = connect_tunnel(&tg.proxy_addr(), "api.openai.com:443", Some(&key)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let tls = tls_client(&der_of(&tg.proxy_ca_pem()))
+        .connect(ServerName::try_from("api.openai.com").unwrap(), tcp)
+        .await
         .unwrap();
-    // Each body is read to the end: a response dropped unread may take its connection (and so
-    // the tunnel) with it, and the next call would open a second CONNECT.
+    let tls = tokio::sync::Mutex::new(tls);
+    let body = chat(false).to_string();
     let call = || async {
-        let resp = client
-            .post("https://api.openai.com/v1/chat/completions")
-            .json(&chat(false))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        resp.bytes().await.unwrap();
-        status
+        let mut tls = tls.lock().await;
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        read_h1_response(&mut *tls).await.0
     };
     assert_eq!(call().await, 401);
     assert_eq!(call().await, 503, "the only key is disabled");

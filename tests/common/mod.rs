@@ -1,2 +1,3 @@
 pub mod mock;
 pub mod server;
+pub mod tunnel;
