@@ -2118,7 +2118,7 @@ async fn insert_old_row(
     sqlx::query(
         "INSERT INTO interceptions (id, user_id, provider, provider_kind, endpoint, model, client, session_key, \
          credential_kind, status, streaming, started_at, ended_at, priced) \
-         VALUES (?, 'u', 'openai', 'openai', 'chat', 'gpt-4o', 'Unknown', ?, 'central', 'completed', 0, ?, ?, 1)",
+         VALUES (?, '00000000-0000-7000-8000-000000000001', 'openai', 'openai', 'chat', 'gpt-4o', 'Unknown', ?, 'central', 'completed', 0, ?, ?, 1)",
     )
     .bind(&id)
     .bind(&id)

@@ -28,7 +28,6 @@ use crate::api::interceptions::{Interception, TokenUsage};
 use crate::api::{budgets, me, seats, sessions, usage, users};
 use crate::gateway::GatewayState;
 use crate::money::NanoUsd;
-use crate::store::{UsageFilter, UsageGroupBy};
 use html::{bar_chart, column_chart, path_segment, query_value, w, Html};
 use signin::Viewer;
 
@@ -521,31 +520,28 @@ async fn period_figures(
     );
     let (Json(by_user), Json(by_model), Json(by_day)) = (by_user?, by_model?, by_day?);
 
-    // Interceptions per hour over the last day: one exact count per hour, each a short range
-    // of the started_at index.
+    // Interceptions per hour over the last day, from the hourly rollup.
     let now = Utc::now();
     let this_hour = now.duration_trunc(Duration::hours(1)).unwrap_or(now);
-    let mut hours = Vec::with_capacity(24);
-    for i in (0..24).rev() {
-        let start = this_hour - Duration::hours(i);
-        let filter = UsageFilter {
-            from: Some(start),
-            to: Some(start + Duration::hours(1)),
-            user_id: scope,
-            model: None,
-        };
-        let rows = state
-            .store
-            .queries()
-            .usage(UsageGroupBy::Provider, &filter)
-            .await?;
-        let n: i64 = rows.iter().map(|r| r.interception_count).sum();
-        hours.push((
-            start.format("%H:00").to_string(),
-            n as f64,
-            format!("{n} interceptions"),
-        ));
-    }
+    let first = this_hour - Duration::hours(23);
+    let counts: HashMap<DateTime<Utc>, i64> = state
+        .store
+        .queries()
+        .interceptions_per_hour(first, scope)
+        .await?
+        .into_iter()
+        .collect();
+    let hours = (0..24)
+        .map(|i| {
+            let start = first + Duration::hours(i);
+            let n = counts.get(&start).copied().unwrap_or(0);
+            (
+                start.format("%H:00").to_string(),
+                n as f64,
+                format!("{n} interceptions"),
+            )
+        })
+        .collect();
     let figures = Arc::new(PeriodFigures {
         by_user,
         by_model,

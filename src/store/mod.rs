@@ -15,6 +15,7 @@ mod queries;
 mod record;
 mod recorder;
 mod retention;
+mod rollup;
 mod spend;
 mod spill;
 

@@ -205,6 +205,13 @@ pub enum UsageGroupBy {
     Day,
 }
 
+/// Where a part of a usage report is summed from.
+#[derive(Clone, Copy)]
+enum UsageSource {
+    Interceptions,
+    Hourly,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageFilter {
     /// Inclusive lower bound on `started_at`.
@@ -762,38 +769,132 @@ impl<'a> Queries<'a> {
 
     /// Exact integer sums per group key, ordered by key. A user in several groups counts in
     /// each; users in no group do not appear in the group rollup.
+    ///
+    /// Whole UTC hours inside the range are read from the hourly rollup (kept exact by the
+    /// recorder and retention), the partial hours at either end from the interceptions, and the
+    /// parts are added up per key: a month's report reads a few thousand buckets, not every call.
     pub async fn usage(
         &self,
         group_by: UsageGroupBy,
         filter: &UsageFilter,
     ) -> Result<Vec<UsageRow>, StoreError> {
+        let from = filter.from.map(millis);
+        let to = filter.to.map(millis);
+        let hour = super::rollup::HOUR_MS;
+        // The whole hours: [first, last) with None for an open end.
+        let first = from.map(|f| -(-f).div_euclid(hour) * hour);
+        let last = to.map(|t| t.div_euclid(hour) * hour);
+        let mut parts = Vec::with_capacity(3);
+        match (first, last) {
+            (Some(a), Some(b)) if a >= b => parts.push((UsageSource::Interceptions, from, to)),
+            _ => {
+                if let (Some(f), Some(a)) = (from, first) {
+                    if f < a {
+                        parts.push((UsageSource::Interceptions, Some(f), Some(a)));
+                    }
+                }
+                parts.push((UsageSource::Hourly, first, last));
+                if let (Some(b), Some(t)) = (last, to) {
+                    if b < t {
+                        parts.push((UsageSource::Interceptions, Some(b), Some(t)));
+                    }
+                }
+            }
+        }
+        let mut merged: std::collections::BTreeMap<String, UsageRow> = Default::default();
+        for (source, from, to) in parts {
+            for row in self.usage_part(group_by, source, from, to, filter).await? {
+                match merged.get_mut(&row.key) {
+                    None => {
+                        merged.insert(row.key.clone(), row);
+                    }
+                    Some(acc) => {
+                        acc.usage.input += row.usage.input;
+                        acc.usage.output += row.usage.output;
+                        acc.usage.cache_read += row.usage.cache_read;
+                        acc.usage.cache_write += row.usage.cache_write;
+                        acc.usage.reasoning += row.usage.reasoning;
+                        acc.cost = NanoUsd(acc.cost.0.saturating_add(row.cost.0));
+                        acc.interception_count += row.interception_count;
+                        if acc.label.is_none() {
+                            acc.label = row.label;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    /// Interceptions started per UTC hour from `from` (an hour start) on, from the hourly
+    /// rollup: (hour start, count), hours without calls left out.
+    pub async fn interceptions_per_hour(
+        &self,
+        from: DateTime<Utc>,
+        user_id: Option<Uuid>,
+    ) -> Result<Vec<(DateTime<Utc>, i64)>, StoreError> {
         per_backend!(self.store, |pool| {
-            let (key, label, from) = match group_by {
+            let mut qb = QueryBuilder::<Db>::new(
+                "SELECT hour, CAST(SUM(interception_count) AS BIGINT) AS n FROM usage_hourly WHERE hour >= ",
+            );
+            Db::push_ms(&mut qb, millis(from));
+            if let Some(u) = user_id {
+                qb.push(" AND user_id = ");
+                Db::push_id(&mut qb, u);
+            }
+            qb.push(" GROUP BY hour ORDER BY hour");
+            let mut out = Vec::new();
+            for r in qb.build().fetch_all(pool).await? {
+                out.push((r.time("hour")?, r.int("n")?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// One part of [`Queries::usage`]: sums per key over `[from, to)` (ms) from one source.
+    async fn usage_part(
+        &self,
+        group_by: UsageGroupBy,
+        source: UsageSource,
+        from: Option<i64>,
+        to: Option<i64>,
+        filter: &UsageFilter,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let (table, time, sums) = match source {
+            UsageSource::Interceptions => ("interceptions", "i.started_at", USAGE_SUMS.to_string()),
+            UsageSource::Hourly => (
+                "usage_hourly",
+                "i.hour",
+                USAGE_SUMS.replace("COUNT(*)", "CAST(SUM(i.interception_count) AS BIGINT)"),
+            ),
+        };
+        per_backend!(self.store, |pool| {
+            let (key, label, joins) = match group_by {
                 UsageGroupBy::User => (
                     Db::as_text("i.user_id"),
-                    "MAX(u.username)",
-                    "interceptions i LEFT JOIN users u ON u.id = i.user_id",
+                    "MAX(u.username)".to_string(),
+                    " LEFT JOIN users u ON u.id = i.user_id",
                 ),
                 UsageGroupBy::Group => (
                     Db::as_text("g.id"),
-                    "MAX(g.name)",
-                    "interceptions i JOIN group_members gm ON gm.user_id = i.user_id JOIN groups g ON g.id = gm.group_id",
+                    "MAX(g.name)".to_string(),
+                    " JOIN group_members gm ON gm.user_id = i.user_id JOIN groups g ON g.id = gm.group_id",
                 ),
-                UsageGroupBy::Model => ("i.model".to_string(), "NULL", "interceptions i"),
-                UsageGroupBy::Provider => ("i.provider".to_string(), "NULL", "interceptions i"),
-                UsageGroupBy::Client => ("i.client".to_string(), "NULL", "interceptions i"),
-                UsageGroupBy::Day => (Db::utc_day("i.started_at"), "NULL", "interceptions i"),
+                UsageGroupBy::Model => ("i.model".to_string(), "NULL".to_string(), ""),
+                UsageGroupBy::Provider => ("i.provider".to_string(), "NULL".to_string(), ""),
+                UsageGroupBy::Client => ("i.client".to_string(), "NULL".to_string(), ""),
+                UsageGroupBy::Day => (Db::utc_day(time), "NULL".to_string(), ""),
             };
             let mut qb = QueryBuilder::<Db>::new(format!(
-                "SELECT {key} AS k, {label} AS label, {USAGE_SUMS} FROM {from} WHERE 1=1"
+                "SELECT {key} AS k, {label} AS label, {sums} FROM {table} i{joins} WHERE 1=1"
             ));
-            if let Some(t) = filter.from {
-                qb.push(" AND i.started_at >= ");
-                Db::push_ms(&mut qb, millis(t));
+            if let Some(t) = from {
+                qb.push(format!(" AND {time} >= "));
+                Db::push_ms(&mut qb, t);
             }
-            if let Some(t) = filter.to {
-                qb.push(" AND i.started_at < ");
-                Db::push_ms(&mut qb, millis(t));
+            if let Some(t) = to {
+                qb.push(format!(" AND {time} < "));
+                Db::push_ms(&mut qb, t);
             }
             if let Some(u) = filter.user_id {
                 qb.push(" AND i.user_id = ");
@@ -803,7 +904,7 @@ impl<'a> Queries<'a> {
                 qb.push(" AND i.model = ");
                 Db::push_text(&mut qb, m.clone());
             }
-            qb.push(" GROUP BY k ORDER BY k");
+            qb.push(" GROUP BY k");
             let mut out = Vec::new();
             for r in qb.build().fetch_all(pool).await? {
                 out.push(UsageRow {

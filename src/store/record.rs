@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
-use super::{millis, StoreError};
+use super::{millis, rollup, StoreError};
 use crate::governance::pricing::ModelPrice;
 use crate::money::NanoUsd;
 use crate::providers::{Thought, TokenUsage, ToolCall};
@@ -131,6 +131,30 @@ fn db_u64(v: u64) -> i64 {
 /// PostgreSQL's limit (65535) is higher; one size keeps the two writers alike.
 const ROWS_PER_STATEMENT: usize = 200;
 
+/// The hourly rollup buckets of newly inserted interceptions.
+fn rollup_buckets<'a>(
+    batch: &[&'a InterceptionRecord],
+) -> Vec<((i64, Uuid, &'a str, &'a str, &'a str), [i64; 7])> {
+    rollup::buckets(
+        batch.iter().map(|r| rollup::Contribution {
+            started_ms: millis(r.started_at),
+            user_id: r.user_id,
+            provider: &r.provider,
+            model: &r.model,
+            client: r.client,
+            sums: [
+                db_u64(r.usage.input),
+                db_u64(r.usage.output),
+                db_u64(r.usage.cache_read),
+                db_u64(r.usage.cache_write),
+                db_u64(r.usage.reasoning),
+                r.cost.0,
+            ],
+        }),
+        1,
+    )
+}
+
 pub(super) async fn insert_batch_sqlite(
     pool: &SqlitePool,
     batch: &[InterceptionRecord],
@@ -213,6 +237,9 @@ async fn write_batch_sqlite(
     // Only rows inserted now get children: a batch replayed after a crash (spill file) or
     // retried after an ambiguous commit must not duplicate them.
     let batch: Vec<&InterceptionRecord> = batch.iter().filter(|r| fresh.contains(&r.id)).collect();
+    for mut qb in rollup::upserts::<sqlx::Sqlite>(&rollup_buckets(&batch)) {
+        qb.build().execute(&mut *tx).await?;
+    }
 
     let usages: Vec<&InterceptionRecord> = batch
         .iter()
@@ -396,6 +423,9 @@ pub(super) async fn insert_batch_postgres(
     }
     let batch: Vec<&InterceptionRecord> = batch.iter().filter(|r| fresh.contains(&r.id)).collect();
     add_spend_postgres(&mut tx, &batch).await?;
+    for mut qb in rollup::upserts::<sqlx::Postgres>(&rollup_buckets(&batch)) {
+        qb.build().execute(&mut *tx).await?;
+    }
 
     let usages: Vec<&InterceptionRecord> = batch
         .iter()

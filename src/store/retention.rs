@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{millis, Backend, Store, StoreError};
+use super::dialect::{per_backend, DbRow, Dialect};
+use super::rollup;
+use super::{millis, Store, StoreError};
 
 /// Counter of interceptions deleted by retention (their child rows go with them).
 pub const RETENTION_PURGED_TOTAL: &str = "tollgate_retention_purged_total";
@@ -35,28 +37,7 @@ pub async fn purge_once(store: &Store, days: u32, now: DateTime<Utc>) -> Result<
     let cutoff = now - chrono::Duration::days(i64::from(days));
     let mut purged = 0u64;
     loop {
-        // The inner SELECT walks the ended_at index; the cascade deletes child rows through
-        // their interception_id indexes.
-        let n = match store.backend() {
-            Backend::Sqlite(pool) => sqlx::query(
-                "DELETE FROM interceptions WHERE id IN \
-                 (SELECT id FROM interceptions WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
-            )
-            .bind(millis(cutoff))
-            .bind(BATCH)
-            .execute(pool)
-            .await?
-            .rows_affected(),
-            Backend::Postgres(pool) => sqlx::query(
-                "DELETE FROM interceptions WHERE id IN \
-                 (SELECT id FROM interceptions WHERE ended_at < $1 ORDER BY ended_at LIMIT $2)",
-            )
-            .bind(cutoff)
-            .bind(BATCH)
-            .execute(pool)
-            .await?
-            .rows_affected(),
-        };
+        let n = purge_batch(store, millis(cutoff)).await?;
         purged += n;
         metrics::counter!(RETENTION_PURGED_TOTAL).increment(n);
         if n < BATCH as u64 {
@@ -68,6 +49,82 @@ pub async fn purge_once(store: &Store, days: u32, now: DateTime<Utc>) -> Result<
         tracing::info!(purged, days, "retention purged old interceptions");
     }
     Ok(purged)
+}
+
+/// Deletes up to [`BATCH`] of the oldest interceptions that ended before `cutoff_ms`, and takes
+/// what they added out of the hourly rollup in the same transaction. Returns how many went.
+async fn purge_batch(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
+    per_backend!(store, |pool| {
+        let mut tx = pool.begin().await?;
+        // Walks the ended_at index; the cascade deletes child rows through their
+        // interception_id indexes.
+        let rows = sqlx::query(&sql(
+            "SELECT id, started_at, user_id, provider, model, client, input_tokens, output_tokens, \
+             cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, cost_nano_usd \
+             FROM interceptions WHERE ended_at < ? ORDER BY ended_at LIMIT ?",
+        ))
+        .bind(ms(cutoff_ms))
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut owned = Vec::with_capacity(rows.len());
+        for r in &rows {
+            ids.push(r.uuid("id")?);
+            let mut sums = [0i64; 6];
+            for (v, col) in sums.iter_mut().zip([
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_write_input_tokens",
+                "reasoning_tokens",
+                "cost_nano_usd",
+            ]) {
+                *v = r.int(col)?;
+            }
+            owned.push((
+                r.ms("started_at")?,
+                r.uuid("user_id")?,
+                r.text("provider")?,
+                r.text("model")?,
+                r.text("client")?,
+                sums,
+            ));
+        }
+        let buckets = rollup::buckets(
+            owned
+                .iter()
+                .map(
+                    |(started, user, provider, model, client, sums)| rollup::Contribution {
+                        started_ms: *started,
+                        user_id: *user,
+                        provider,
+                        model,
+                        client,
+                        sums: *sums,
+                    },
+                ),
+            -1,
+        );
+        for mut qb in rollup::upserts::<Db>(&buckets) {
+            qb.build().execute(&mut *tx).await?;
+        }
+        sqlx::query(rollup::DELETE_EMPTY).execute(&mut *tx).await?;
+        let mut qb = sqlx::QueryBuilder::<Db>::new("DELETE FROM interceptions WHERE id IN (");
+        for (n, i) in ids.iter().enumerate() {
+            if n > 0 {
+                qb.push(", ");
+            }
+            Db::push_id(&mut qb, *i);
+        }
+        qb.push(")");
+        let n = qb.build().execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    })
 }
 
 /// Runs [`purge_once`] now and then every [`PURGE_INTERVAL`], forever (returns at once when
