@@ -132,9 +132,7 @@ fn db_u64(v: u64) -> i64 {
 const ROWS_PER_STATEMENT: usize = 200;
 
 /// The hourly rollup buckets of newly inserted interceptions.
-fn rollup_buckets<'a>(
-    batch: &[&'a InterceptionRecord],
-) -> Vec<((i64, Uuid, &'a str, &'a str, &'a str), [i64; 7])> {
+fn rollup_buckets<'a>(batch: &[&'a InterceptionRecord]) -> Vec<rollup::Bucket<'a>> {
     rollup::buckets(
         batch.iter().map(|r| rollup::Contribution {
             started_ms: millis(r.started_at),

@@ -34,14 +34,18 @@ pub(super) struct Contribution<'a> {
     pub sums: [i64; 6],
 }
 
-type Key<'a> = (i64, Uuid, &'a str, &'a str, &'a str);
+/// (hour start in ms, user, provider, model, client).
+pub(super) type Key<'a> = (i64, Uuid, &'a str, &'a str, &'a str);
+
+/// A bucket and what to add to it: tokens ×5, cost, count.
+pub(super) type Bucket<'a> = (Key<'a>, [i64; 7]);
 
 /// Sums per bucket (counts included), sorted by key so that concurrent writers (PostgreSQL
 /// replicas) lock shared buckets in the same order. `sign = -1` subtracts (retention).
 pub(super) fn buckets<'a>(
     rows: impl IntoIterator<Item = Contribution<'a>>,
     sign: i64,
-) -> Vec<(Key<'a>, [i64; 7])> {
+) -> Vec<Bucket<'a>> {
     let mut map: HashMap<Key<'a>, [i64; 7]> = HashMap::new();
     for c in rows {
         let hour = c.started_ms.div_euclid(HOUR_MS) * HOUR_MS;
@@ -59,9 +63,7 @@ pub(super) fn buckets<'a>(
 }
 
 /// The upsert statements adding `buckets` to `usage_hourly` (one per chunk).
-pub(super) fn upserts<'q, DB: Dialect>(
-    buckets: &[(Key<'_>, [i64; 7])],
-) -> Vec<QueryBuilder<'q, DB>> {
+pub(super) fn upserts<'q, DB: Dialect>(buckets: &[Bucket<'_>]) -> Vec<QueryBuilder<'q, DB>> {
     buckets
         .chunks(BUCKETS_PER_STATEMENT)
         .map(|chunk| {
