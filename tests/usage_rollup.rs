@@ -176,6 +176,9 @@ const GROUPINGS: [UsageGroupBy; 6] = [
     UsageGroupBy::Day,
 ];
 
+/// `[from, to)`, either end open.
+type Range = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// Every grouping over a spread of ranges and filters; returns how many reports were compared.
 async fn check_all(
     store: &Store,
@@ -185,7 +188,7 @@ async fn check_all(
     rng: &mut StdRng,
 ) -> usize {
     let hour = Duration::hours(1);
-    let mut ranges: Vec<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = vec![
+    let mut ranges: Vec<Range> = vec![
         (None, None),
         (Some(start + hour * 5), Some(start + hour * 30)),
         (Some(start + Duration::minutes(317)), None),
