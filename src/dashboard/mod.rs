@@ -461,14 +461,6 @@ async fn render_overview(viewer: &Viewer, state: &Arc<GatewayState>) -> Result<H
 
     w!(&mut b, "<h2>Last 24 hours</h2>");
     column_chart(&mut b, "Interceptions per hour (UTC)", &figures.hours, 3);
-    w!(
-        &mut b,
-        "<p class=\"muted\">Figures as of ",
-        (figures.computed_at.format("%H:%M:%S UTC")),
-        "; they are recomputed at most every ",
-        (FIGURES_TTL.as_secs()),
-        " s.</p>"
-    );
     Ok(b)
 }
 
@@ -478,41 +470,24 @@ struct PeriodFigures {
     by_model: usage::UsageReport,
     by_day: usage::UsageReport,
     hours: Vec<(String, f64, String)>,
-    computed_at: DateTime<Utc>,
 }
 
-/// How long the overview's figures are reused. Each rollup scans the whole period (tens of
-/// milliseconds at 100k interceptions), and a dashboard left open, or several admins, would
-/// otherwise repeat those scans on every load.
-const FIGURES_TTL: std::time::Duration = std::time::Duration::from_secs(15);
-
-type FiguresCache =
-    HashMap<(Option<uuid::Uuid>, DateTime<Utc>), (std::time::Instant, Arc<PeriodFigures>)>;
-
 /// The period's figures for this viewer (everyone's for an admin, their own for a member),
-/// from the API's usage handler, reused for [`FIGURES_TTL`].
+/// from the API's usage handler. Whole hours come from the hourly rollup, so this costs a few
+/// milliseconds at any size and the overview is always current.
 async fn period_figures(
     viewer: &Viewer,
     state: &Arc<GatewayState>,
     period_start: DateTime<Utc>,
-) -> Result<Arc<PeriodFigures>, ApiError> {
-    static CACHE: std::sync::OnceLock<parking_lot::Mutex<FiguresCache>> =
-        std::sync::OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
+) -> Result<PeriodFigures, ApiError> {
     let scope = if viewer.is_admin() {
         None
     } else {
         Some(viewer.principal.user_id)
     };
-    let key = (scope, period_start);
-    if let Some((at, figures)) = cache.lock().get(&key) {
-        if at.elapsed() < FIGURES_TTL {
-            return Ok(figures.clone());
-        }
-    }
     let from = period_start.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let q = |group: &str| uri(&format!("/?group_by={group}&from={}", query_value(&from)));
-    // On separate pool connections the three scans run side by side.
+    // On separate pool connections the three rollups run side by side.
     let (by_user, by_model, by_day) = tokio::join!(
         usage::usage(State(state.clone()), viewer.caller(), q("user")),
         usage::usage(State(state.clone()), viewer.caller(), q("model")),
@@ -542,17 +517,12 @@ async fn period_figures(
             )
         })
         .collect();
-    let figures = Arc::new(PeriodFigures {
+    Ok(PeriodFigures {
         by_user,
         by_model,
         by_day,
         hours,
-        computed_at: now,
-    });
-    let mut cache = cache.lock();
-    cache.retain(|_, (at, _)| at.elapsed() < FIGURES_TTL);
-    cache.insert(key, (std::time::Instant::now(), figures.clone()));
-    Ok(figures)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
