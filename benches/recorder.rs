@@ -136,6 +136,47 @@ async fn run(name: &str, store: Store, n: usize) -> f64 {
     rate
 }
 
+/// Writes `n` records in batches of uneven sizes (1 to 300, as the recorder's 20 ms linger
+/// makes them under live traffic) straight through the store, and returns records per second.
+/// Unlike [`run`], whose batches are all full, this shows what preparing statements of many
+/// shapes costs.
+async fn run_uneven(name: &str, store: &Store, n: usize) -> f64 {
+    let mut users: Vec<Uuid> = vec![Uuid::nil(); 50];
+    for (u, slot) in users.iter_mut().enumerate() {
+        *slot = store
+            .create_user(&format!("uneven{u}"), false, &[])
+            .await
+            .expect("user")
+            .id;
+    }
+    let all = records(n, &users);
+    let before = store.count_interceptions().await.expect("count");
+    // A fixed pseudo-random sequence of sizes, the same on every run.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let started = Instant::now();
+    let mut rest = all.as_slice();
+    while !rest.is_empty() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let take = (1 + (state % 300) as usize).min(rest.len());
+        let (batch, tail) = rest.split_at(take);
+        store.insert_interceptions(batch).await.expect("insert");
+        rest = tail;
+    }
+    let elapsed = started.elapsed();
+    let after = store.count_interceptions().await.expect("count");
+    assert_eq!((after - before) as usize, n, "{name}: every record written");
+    let rate = n as f64 / elapsed.as_secs_f64();
+    println!(
+        "recorder/{name}-uneven-batches: {n} interceptions in {:.2} s = {:.0} interceptions/s ({:.1} µs each)",
+        elapsed.as_secs_f64(),
+        rate,
+        elapsed.as_secs_f64() * 1e6 / n as f64
+    );
+    rate
+}
+
 /// Reserve + settle round trips, as a capped request on PostgreSQL makes them.
 async fn shared_admission(store: &Store) {
     let users: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
@@ -189,7 +230,8 @@ fn main() {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}/bench.db", dir.path().display());
         let store = Store::connect(&url, 4).await.expect("open sqlite");
-        run("sqlite", store, n).await;
+        run("sqlite", store.clone(), n).await;
+        run_uneven("sqlite", &store, n).await;
 
         match std::env::var("TOLLGATE_BENCH_DATABASE_URL") {
             Ok(base) if !base.is_empty() => {
@@ -213,6 +255,7 @@ fn main() {
                     .await
                     .expect("open postgres");
                 run("postgres", store.clone(), n).await;
+                run_uneven("postgres", &store, n).await;
                 shared_admission(&store).await;
                 drop(store);
                 // Give the pool a moment to close before dropping its database.

@@ -127,6 +127,10 @@ pub fn mask_secret(secret: &str) -> String {
     }
 }
 
+/// Prepared statements kept per connection: the recorder's multi-row inserts come in about 60
+/// shapes (see `record::statement_chunks`), and the API's queries need room beside them.
+const STATEMENT_CACHE: usize = 256;
+
 pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -180,7 +184,8 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            .statement_cache_capacity(STATEMENT_CACHE);
         let file = options.get_filename();
         if let Some(parent) = Path::new(file).parent() {
             if !parent.as_os_str().is_empty() && !parent.exists() {
@@ -203,9 +208,11 @@ impl Store {
     /// Connects eagerly so that a wrong or unreachable server stops the start at once. The
     /// error names host, port and database but never the URL itself, which may hold a password.
     async fn connect_postgres(url: &str, max_connections: u32) -> Result<Store, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| {
-            StoreError::Invalid(format!("database.url is not a valid PostgreSQL URL: {e}"))
-        })?;
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                StoreError::Invalid(format!("database.url is not a valid PostgreSQL URL: {e}"))
+            })?
+            .statement_cache_capacity(STATEMENT_CACHE);
         let target = format!(
             "{}:{}/{}",
             options.get_host(),

@@ -127,9 +127,31 @@ fn db_u64(v: u64) -> i64 {
 }
 
 /// SQLite takes at most 32766 bound parameters per statement; child rows are inserted in
-/// multi-row statements sized well under that.
+/// multi-row statements sized well under that (interceptions, 34 columns, half as many).
 /// PostgreSQL's limit (65535) is higher; one size keeps the two writers alike.
-const ROWS_PER_STATEMENT: usize = 200;
+const ROWS_PER_STATEMENT: usize = 128;
+
+/// Splits `items` into statements of `max` rows (a power of two) and then powers of two, so
+/// each table's inserts come in at most log2(max) + 1 shapes and stay prepared in the
+/// connection's statement cache. With any-size chunks, the last statement of each table in a
+/// batch had a shape seldom seen again and was parsed and planned afresh, batch after batch.
+pub(super) fn statement_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    debug_assert!(max.is_power_of_two());
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let take = if rest.len() >= max {
+            max
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (head, tail) = rest.split_at(take);
+        rest = tail;
+        Some(head)
+    })
+}
 
 /// The hourly rollup buckets of newly inserted interceptions.
 fn rollup_buckets<'a>(batch: &[&'a InterceptionRecord]) -> Vec<rollup::Bucket<'a>> {
@@ -179,7 +201,7 @@ async fn write_batch_sqlite(
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
     let mut fresh = std::collections::HashSet::with_capacity(batch.len());
-    for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
+    for chunk in statement_chunks(batch, ROWS_PER_STATEMENT / 2) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT OR IGNORE INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
              response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
@@ -244,7 +266,7 @@ async fn write_batch_sqlite(
         .copied()
         .filter(|r| r.usage != TokenUsage::default())
         .collect();
-    for chunk in usages.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&usages, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
              cache_write_input_tokens, reasoning_tokens, created_at) ",
@@ -267,7 +289,7 @@ async fn write_batch_sqlite(
         .copied()
         .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
         .collect();
-    for chunk in prompts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&prompts, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
         );
@@ -285,7 +307,7 @@ async fn write_batch_sqlite(
         .copied()
         .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
         .collect();
-    for chunk in tools.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&tools, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
         );
@@ -306,7 +328,7 @@ async fn write_batch_sqlite(
         .copied()
         .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
         .collect();
-    for chunk in thoughts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&thoughts, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
         );
@@ -326,7 +348,7 @@ async fn write_batch_sqlite(
         e.1 = e.1.max(millis(r.ended_at));
     }
     let seats: Vec<(Uuid, (i64, i64))> = seats.into_iter().collect();
-    for chunk in seats.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&seats, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
         );
@@ -363,7 +385,7 @@ pub(super) async fn insert_batch_postgres(
     }
     let mut tx = pool.begin().await?;
     let mut fresh = std::collections::HashSet::with_capacity(batch.len());
-    for chunk in batch.chunks(ROWS_PER_STATEMENT / 2) {
+    for chunk in statement_chunks(batch, ROWS_PER_STATEMENT / 2) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
              response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
@@ -430,7 +452,7 @@ pub(super) async fn insert_batch_postgres(
         .copied()
         .filter(|r| r.usage != TokenUsage::default())
         .collect();
-    for chunk in usages.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&usages, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
              cache_write_input_tokens, reasoning_tokens, created_at) ",
@@ -453,7 +475,7 @@ pub(super) async fn insert_batch_postgres(
         .copied()
         .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
         .collect();
-    for chunk in prompts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&prompts, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
         );
@@ -471,7 +493,7 @@ pub(super) async fn insert_batch_postgres(
         .copied()
         .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
         .collect();
-    for chunk in tools.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&tools, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
         );
@@ -492,7 +514,7 @@ pub(super) async fn insert_batch_postgres(
         .copied()
         .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
         .collect();
-    for chunk in thoughts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&thoughts, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
         );
@@ -515,7 +537,7 @@ pub(super) async fn insert_batch_postgres(
         e.1 = e.1.max(to_ms(r.ended_at));
     }
     let seats: Vec<(Uuid, Span)> = seats.into_iter().collect();
-    for chunk in seats.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&seats, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
         );
@@ -550,7 +572,7 @@ async fn add_spend_postgres(
     // Sorted, so two replicas' batches lock the same rows in the same order (no deadlock).
     let mut sums: Vec<((Uuid, DateTime<Utc>), i64)> = sums.into_iter().collect();
     sums.sort_unstable_by_key(|(k, _)| *k);
-    for chunk in sums.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&sums, ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
             "INSERT INTO spend_totals (user_id, period_start, spent_nano_usd) ",
         );
@@ -564,4 +586,25 @@ async fn add_spend_postgres(
         qb.build().execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_chunks;
+
+    #[test]
+    fn statements_come_in_full_chunks_then_powers_of_two() {
+        let items: Vec<u32> = (0..300).collect();
+        let sizes: Vec<usize> = statement_chunks(&items, 128).map(<[u32]>::len).collect();
+        assert_eq!(sizes, [128, 128, 32, 8, 4]);
+        let joined: Vec<u32> = statement_chunks(&items, 128).flatten().copied().collect();
+        assert_eq!(joined, items, "every item once, in order");
+        assert_eq!(statement_chunks(&items[..0], 128).count(), 0);
+        // However a batch is cut, a table sees at most log2(max) + 1 shapes.
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 1..=1000 {
+            shapes.extend(statement_chunks(&items[..n.min(300)], 64).map(<[u32]>::len));
+        }
+        assert_eq!(shapes.len(), 7);
+    }
 }

@@ -20,8 +20,9 @@ use super::dialect::Dialect;
 /// One hour in epoch milliseconds; UTC hours are aligned to the epoch.
 pub(crate) const HOUR_MS: i64 = 3_600_000;
 
-/// Rows per upsert statement: 12 binds each, well under SQLite's 32766.
-const BUCKETS_PER_STATEMENT: usize = 500;
+/// Rows per upsert statement (a power of two: see `record::statement_chunks`): 12 binds each,
+/// well under SQLite's 32766.
+const BUCKETS_PER_STATEMENT: usize = 256;
 
 /// What one interception contributes to its bucket.
 pub(super) struct Contribution<'a> {
@@ -64,8 +65,7 @@ pub(super) fn buckets<'a>(
 
 /// The upsert statements adding `buckets` to `usage_hourly` (one per chunk).
 pub(super) fn upserts<'q, DB: Dialect>(buckets: &[Bucket<'_>]) -> Vec<QueryBuilder<'q, DB>> {
-    buckets
-        .chunks(BUCKETS_PER_STATEMENT)
+    super::record::statement_chunks(buckets, BUCKETS_PER_STATEMENT)
         .map(|chunk| {
             let mut qb = QueryBuilder::<DB>::new(
                 "INSERT INTO usage_hourly (hour, user_id, provider, model, client, input_tokens, \
