@@ -323,11 +323,56 @@ async fn pages_render_seeded_data_with_the_apis_numbers() {
     }
     let refused = page(&tg, &cookie, "/dashboard/usage?group_by=planet").await;
     assert_eq!(refused.status, 400);
+    // The user and model filters narrow the report exactly as the API's do.
+    for (filter, api_filter) in [
+        ("user=alice", "user=alice"),
+        ("model=gpt-4o", "model=gpt-4o"),
+    ] {
+        let want = api(
+            &tg,
+            &admin,
+            &format!("/api/v2/usage?group_by=model&{api_filter}"),
+        )
+        .await;
+        let got = page_ok(
+            &tg,
+            &cookie,
+            &format!("/dashboard/usage?group_by=model&{filter}"),
+        )
+        .await;
+        let rows = want["results"].as_array().unwrap();
+        assert!(!rows.is_empty(), "{want}");
+        assert_eq!(got.matches("<tr data-key=").count(), rows.len(), "{filter}");
+        for r in rows {
+            let tr = row(
+                &got,
+                &format!("data-key=\"{}\"", r["key"].as_str().unwrap()),
+            );
+            assert!(
+                tr.contains(&format!(
+                    "<td class=\"num cost\">{}</td>",
+                    r["cost_usd"].as_str().unwrap()
+                )),
+                "{tr}"
+            );
+        }
+        assert!(got.contains(&format!("value=\"{}\"", filter.split_once('=').unwrap().1)));
+    }
 
     // Sessions list and one session: the API's cost, each step, the prompt escaped.
     let sessions = page_ok(&tg, &cookie, "/dashboard/sessions").await;
     assert!(sessions.contains("href=\"/dashboard/sessions/sess-alice\""));
     assert!(sessions.contains("href=\"/dashboard/sessions/sess-bob\""));
+    // The filter box passes the API's `q` through: only alice's session is left.
+    let filtered = page_ok(&tg, &cookie, "/dashboard/sessions?q=initiator%3Aalice").await;
+    assert!(filtered.contains("href=\"/dashboard/sessions/sess-alice\""));
+    assert!(!filtered.contains("href=\"/dashboard/sessions/sess-bob\""));
+    assert!(filtered.contains("value=\"initiator:alice\""), "{filtered}");
+    let bad = page(&tg, &cookie, "/dashboard/sessions?q=planet%3Amars").await;
+    assert_eq!(
+        bad.status, 400,
+        "an unknown filter key is explained, not a 500"
+    );
     let detail = api(&tg, &admin, "/api/v2/aibridge/sessions/sess-alice").await;
     let session = page_ok(&tg, &cookie, "/dashboard/sessions/sess-alice").await;
     assert!(session.contains(&format!(

@@ -602,6 +602,8 @@ async fn users_page(viewer: Viewer, State(state): State<Arc<GatewayState>>) -> R
 #[derive(serde::Deserialize)]
 struct SessionsQuery {
     after_id: Option<String>,
+    /// The API's session filter (`initiator:`, `model:`, `provider:`, `client:` terms).
+    q: Option<String>,
 }
 
 async fn sessions_page(
@@ -610,17 +612,38 @@ async fn sessions_page(
     Query(q): Query<SessionsQuery>,
 ) -> Response {
     const PAGE: usize = 50;
+    let filter = q.q.as_deref().map(str::trim).filter(|f| !f.is_empty());
     let mut target = format!("/?limit={PAGE}");
+    if let Some(f) = filter {
+        target.push_str(&format!("&q={}", query_value(f)));
+    }
     if let Some(after) = q.after_id.as_deref().filter(|a| !a.is_empty()) {
         target.push_str(&format!("&after_id={}", query_value(after)));
     }
     let Json(list) =
         match sessions::list_sessions(State(state.clone()), viewer.caller(), uri(&target)).await {
             Ok(l) => l,
+            Err(ApiError::BadRequest(message)) => {
+                let mut b = Html::new();
+                w!(&mut b, "<h1>Sessions</h1>");
+                sessions_filter_form(&mut b, filter);
+                w!(
+                    &mut b,
+                    "<p class=\"banner error\" role=\"alert\">",
+                    (message),
+                    "</p>"
+                );
+                return page_response(
+                    StatusCode::BAD_REQUEST,
+                    layout(Some(&viewer), Tab::Sessions, "Sessions", b),
+                );
+            }
             Err(e) => return api_error(e),
         };
     let mut b = Html::new();
-    w!(&mut b, "<h1>Sessions</h1><p class=\"muted\">", (list.count),
+    w!(&mut b, "<h1>Sessions</h1>");
+    sessions_filter_form(&mut b, filter);
+    w!(&mut b, "<p class=\"muted\">", (list.count),
         (if viewer.is_admin() { " sessions" } else { " of your sessions" }), ", latest activity first.</p>",
         "<table id=\"sessions\"><thead><tr><th scope=\"col\">Session</th><th scope=\"col\">User</th><th scope=\"col\">Client</th>",
         "<th scope=\"col\">Models</th><th scope=\"col\" class=\"num\">Calls</th><th scope=\"col\" class=\"num\">Tokens</th>",
@@ -666,6 +689,9 @@ async fn sessions_page(
                 &mut b,
                 "<p><a href=\"/dashboard/sessions?after_id=",
                 (query_value(&last.id)),
+                (filter
+                    .map(|f| format!("&q={}", query_value(f)))
+                    .unwrap_or_default()),
                 "\">Older sessions</a></p>"
             );
         }
@@ -674,6 +700,18 @@ async fn sessions_page(
         StatusCode::OK,
         layout(Some(&viewer), Tab::Sessions, "Sessions", b),
     )
+}
+
+/// The sessions list's filter box (the API's `q` syntax).
+fn sessions_filter_form(b: &mut Html, filter: Option<&str>) {
+    w!(
+        b,
+        "<form class=\"filters\" method=\"get\" action=\"/dashboard/sessions\" role=\"search\">",
+        "<label for=\"q\">Filter<input id=\"q\" name=\"q\" type=\"search\" size=\"40\" ",
+        "placeholder=\"initiator:alice model:gpt-4o client:curl\" value=\"",
+        (filter.unwrap_or("")),
+        "\"></label><button type=\"submit\">Filter</button></form>"
+    );
 }
 
 async fn session_page(
@@ -773,12 +811,20 @@ struct UsageQuery {
     group_by: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    /// Username or id (the API's `user`; members may only name themselves).
+    user: Option<String>,
+    model: Option<String>,
 }
 
 impl UsageQuery {
     fn api_uri(&self) -> Uri {
         let mut q = format!("/?group_by={}", query_value(self.group()));
-        for (name, v) in [("from", &self.from), ("to", &self.to)] {
+        for (name, v) in [
+            ("from", &self.from),
+            ("to", &self.to),
+            ("user", &self.user),
+            ("model", &self.model),
+        ] {
             if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
                 q.push_str(&format!("&{name}={}", query_value(v)));
             }
@@ -825,7 +871,13 @@ async fn usage_page(
     }
     w!(&mut b, "</select></label><label for=\"from\">From (UTC)<input id=\"from\" name=\"from\" type=\"date\" value=\"",
         (q.from.as_deref().unwrap_or("")), "\"></label><label for=\"to\">To, inclusive<input id=\"to\" name=\"to\" type=\"date\" value=\"",
-        (q.to.as_deref().unwrap_or("")), "\"></label><button type=\"submit\">Show</button></form>");
+        (q.to.as_deref().unwrap_or("")), "\"></label>");
+    if viewer.is_admin() {
+        w!(&mut b, "<label for=\"user\">User<input id=\"user\" name=\"user\" type=\"text\" placeholder=\"username\" value=\"",
+            (q.user.as_deref().unwrap_or("")), "\"></label>");
+    }
+    w!(&mut b, "<label for=\"model\">Model<input id=\"model\" name=\"model\" type=\"text\" placeholder=\"any\" value=\"",
+        (q.model.as_deref().unwrap_or("")), "\"></label><button type=\"submit\">Show</button></form>");
     let report = match report {
         Ok(Json(r)) => r,
         Err(e) => {
