@@ -298,18 +298,31 @@ impl Writer {
 /// it woke per record); 20 ms is invisible to anyone reading the API.
 const LINGER: Duration = Duration::from_millis(20);
 
+/// How often a lingering writer looks at the queue.
+const LINGER_STEP: Duration = Duration::from_millis(2);
+
 /// Lets a batch fill for up to [`LINGER`] (or until it is full).
+///
+/// It looks at the queue every [`LINGER_STEP`] instead of waiting on it: a receiver parked on
+/// the channel is woken by every send, which at thousands of requests a second meant a futex
+/// and usually a thread switch per record; a timer wakes it at most ten times per batch.
 async fn linger(
     rx: &mut mpsc::Receiver<InterceptionRecord>,
     batch: &mut Vec<InterceptionRecord>,
     batch_size: usize,
 ) {
     let deadline = tokio::time::Instant::now() + LINGER;
+    loop {
+        let now = tokio::time::Instant::now();
+        if batch.len() + rx.len() >= batch_size || now >= deadline || rx.is_closed() {
+            break;
+        }
+        tokio::time::sleep(LINGER_STEP.min(deadline - now)).await;
+    }
     while batch.len() < batch_size {
-        match tokio::time::timeout_at(deadline, rx.recv_many(batch, batch_size - batch.len())).await
-        {
-            Ok(n) if n > 0 => {}
-            _ => break,
+        match rx.try_recv() {
+            Ok(record) => batch.push(record),
+            Err(_) => break,
         }
     }
 }
