@@ -1356,3 +1356,62 @@ async fn a_client_that_leaves_before_the_first_byte_cancels_the_upstream_call() 
     assert_eq!(status, "client_aborted");
     assert!(error.contains("before the response"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interception_log_records_are_written_together_in_order_and_none_lost_at_shutdown() {
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
+    let (tg, key) = gateway_with(&upstream).await;
+    let url = format!("{}/openai/v1/chat/completions", tg.gateway);
+    // A burst, then SIGTERM at once: the last blocks are still waiting for the log flusher.
+    let body = chat_request(false, false);
+    let calls = (0..40).map(|_| post(&url, &key, &body));
+    let ids: Vec<String> = futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status(), 200);
+            interception_id(r)
+        })
+        .collect();
+    let (clean_exit, logs) = tg.stop().await;
+    assert!(clean_exit);
+    let records: Vec<Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for id in &ids {
+        // Each interception's records arrive whole and in the contract's order.
+        let mine: Vec<&str> = records
+            .iter()
+            .filter(|r| r["interception_id"] == id.as_str())
+            .map(|r| r["record_type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            mine,
+            [
+                "interception_start",
+                "prompt_usage",
+                "token_usage",
+                "interception_end"
+            ],
+            "{id}"
+        );
+        let first = records
+            .iter()
+            .position(|r| r["interception_id"] == id.as_str())
+            .unwrap();
+        assert!(
+            records[first..first + 4]
+                .iter()
+                .all(|r| r["interception_id"] == id.as_str()),
+            "{id}'s records are contiguous"
+        );
+    }
+    // Lines logged outside an interception never overtake queued blocks: "stopped" is last.
+    assert_eq!(
+        records.last().unwrap()["message"],
+        "stopped",
+        "{:?}",
+        &logs[logs.len().saturating_sub(3)..]
+    );
+}
