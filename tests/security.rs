@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
+use common::tunnel::connect_tunnel_within;
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,24 +58,9 @@ fn basic(key: &str) -> String {
 }
 
 /// Sends `CONNECT target` (with the key as proxy password when given) and returns the socket
-/// and the response head, read byte by byte so no tunnelled byte is consumed.
+/// and the response head.
 async fn connect(addr: &str, target: &str, key: Option<&str>) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let auth = key
-        .map(|k| format!("Proxy-Authorization: Basic {}\r\n", basic(k)))
-        .unwrap_or_default();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(Duration::from_secs(15), s.read(&mut byte)).await {
-            Ok(Ok(1)) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    (s, String::from_utf8_lossy(&head).into_owned())
+    connect_tunnel_within(addr, target, key, Duration::from_secs(15)).await
 }
 
 fn status_of(response: &str) -> u16 {

@@ -13,6 +13,16 @@ use tokio::net::TcpStream;
 /// Opens a CONNECT tunnel through the proxy and returns the socket once the response head has
 /// been read, with that head.
 pub async fn connect_tunnel(addr: &str, target: &str, key: Option<&str>) -> (TcpStream, String) {
+    connect_tunnel_within(addr, target, key, Duration::from_secs(10)).await
+}
+
+/// [`connect_tunnel`], waiting up to `wait` for each byte of the response head.
+pub async fn connect_tunnel_within(
+    addr: &str,
+    target: &str,
+    key: Option<&str>,
+    wait: Duration,
+) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = key
         .map(|k| {
@@ -28,7 +38,7 @@ pub async fn connect_tunnel(addr: &str, target: &str, key: Option<&str>) -> (Tcp
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await {
+        match tokio::time::timeout(wait, s.read(&mut byte)).await {
             Ok(Ok(1)) => head.push(byte[0]),
             _ => break,
         }
