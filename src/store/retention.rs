@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::dialect::{per_backend, DbRow, Dialect};
+use super::dialect::{per_backend, DbRow};
 use super::rollup;
 use super::{millis, Store, StoreError};
 
@@ -56,12 +56,15 @@ pub async fn purge_once(store: &Store, days: u32, now: DateTime<Utc>) -> Result<
 async fn purge_batch(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
     per_backend!(store, |pool| {
         let mut tx = pool.begin().await?;
-        // Walks the ended_at index; the cascade deletes child rows through their
-        // interception_id indexes.
+        // The DELETE comes first and hands back what it removed: the transaction writes from its
+        // first statement, so on SQLite it cannot begin as a reader and then fail to become the
+        // writer because the recorder committed in between. The inner SELECT walks the ended_at
+        // index; the cascade deletes child rows through their interception_id indexes.
         let rows = sqlx::query(&sql(
-            "SELECT id, started_at, user_id, provider, model, client, input_tokens, output_tokens, \
-             cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, cost_nano_usd \
-             FROM interceptions WHERE ended_at < ? ORDER BY ended_at LIMIT ?",
+            "DELETE FROM interceptions WHERE id IN \
+             (SELECT id FROM interceptions WHERE ended_at < ? ORDER BY ended_at LIMIT ?) \
+             RETURNING started_at, user_id, provider, model, client, input_tokens, output_tokens, \
+             cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, cost_nano_usd",
         ))
         .bind(ms(cutoff_ms))
         .bind(BATCH)
@@ -70,10 +73,8 @@ async fn purge_batch(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut ids = Vec::with_capacity(rows.len());
         let mut owned = Vec::with_capacity(rows.len());
         for r in &rows {
-            ids.push(r.uuid("id")?);
             let mut sums = [0i64; 6];
             for (v, col) in sums.iter_mut().zip([
                 "input_tokens",
@@ -113,17 +114,8 @@ async fn purge_batch(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
             qb.build().execute(&mut *tx).await?;
         }
         sqlx::query(rollup::DELETE_EMPTY).execute(&mut *tx).await?;
-        let mut qb = sqlx::QueryBuilder::<Db>::new("DELETE FROM interceptions WHERE id IN (");
-        for (n, i) in ids.iter().enumerate() {
-            if n > 0 {
-                qb.push(", ");
-            }
-            Db::push_id(&mut qb, *i);
-        }
-        qb.push(")");
-        let n = qb.build().execute(&mut *tx).await?.rows_affected();
         tx.commit().await?;
-        Ok(n)
+        Ok(rows.len() as u64)
     })
 }
 
