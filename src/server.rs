@@ -118,7 +118,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let mut gateway = Service::new(
         "gateway".to_string(),
         GatewayListener::new(
-            pingora::proxy::http_proxy(&server.configuration, Gateway::new(state.clone())),
+            Gateway::new(state.clone()),
             config.server.client_header_timeout,
         ),
     );

@@ -1415,3 +1415,108 @@ async fn interception_log_records_are_written_together_in_order_and_none_lost_at
         &logs[logs.len().saturating_sub(3)..]
     );
 }
+
+/// The gateway listener's own request loop (issue 9): one client connection carries request
+/// after request; a refusal, a malformed head or `Connection: close` ends it after the answer;
+/// and a graceful stop closes idle kept-alive connections at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_carries_many_requests_and_a_stop_closes_idle_ones_at_once() {
+    use common::tunnel::read_h1_response;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .server_extra("grace_period_seconds = 3")
+        .start()
+        .await;
+    let key = tg.user_key("alice");
+    let addr = tg.gateway.trim_start_matches("http://").to_string();
+    let body = chat_request(false, false).to_string();
+    let request = |key: &str, extra: &str| {
+        format!(
+            "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        )
+    };
+    let expected = fixture_bytes("openai-chat.json");
+
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for i in 0..3 {
+        conn.write_all(request(&key, "").as_bytes()).await.unwrap();
+        let (status, got) = read_h1_response(&mut conn).await;
+        assert_eq!(status, 200, "request {i}");
+        assert_eq!(got, expected, "request {i}");
+    }
+    tg.wait_until_recorded(3).await;
+    assert_eq!(upstream.request_count(), 3);
+
+    // A refusal is answered before the body is read (no unauthenticated upload is taken in),
+    // so pingora ends that connection after the answer rather than parse the unread body.
+    let mut refused = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let wrong_key = "tg_ffffffffffffffffffffffffffffffffffffffffffffffff";
+    refused
+        .write_all(request(wrong_key, "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_h1_response(&mut refused).await.0, 401);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), refused.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "closed after the refusal: {read:?}"
+    );
+
+    // `Connection: close` is honoured after the response.
+    let mut closing = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    closing
+        .write_all(request(&key, "Connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_h1_response(&mut closing).await.0, 200);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), closing.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "closed after the response: {read:?}"
+    );
+
+    // A malformed head gets 400 and the connection ends; nothing reaches the provider.
+    let mut garbage = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    garbage
+        .write_all(b"POST /openai/v1/chat/completions HTTP/1.1\r\nBad Header Line\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(
+        upstream.request_count(),
+        4,
+        "only the closing request added"
+    );
+
+    // `conn` is idle between requests. A stop lets requests in flight finish for the grace
+    // period (3 s here) but closes idle connections at once, so their clients go elsewhere.
+    let pid = tg.pid().to_string();
+    let stopping = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "the idle connection was closed: {read:?}"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1500),
+        "idle connection closed only after {:?} (grace period 3 s)",
+        stopping.elapsed()
+    );
+    let (clean_exit, _) = tg.stop().await;
+    assert!(clean_exit, "SIGTERM ends the process cleanly");
+}

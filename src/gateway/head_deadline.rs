@@ -1,62 +1,26 @@
 //! A deadline on a client's first request head, for the gateway listener.
 //!
 //! pingora reads a request head with a timeout per read (60 s), so a client trickling one byte
-//! at a time can hold a connection and a task for as long as it likes. [`GatewayListener`]
-//! wraps every accepted connection in a [`HeadDeadlineStream`] whose reads fail once
+//! at a time can hold a connection and a task for as long as it likes. The gateway listener
+//! (`super::listener`) wraps every accepted connection in a [`HeadDeadlineStream`] whose reads fail once
 //! `server.client_header_timeout_ms` has passed without a complete head (an empty line after
 //! the first bytes); the connection is then closed. Once a head is complete the deadline is
 //! gone: bodies, long streams and the wait for the upstream are not limited here.
 //!
 //! Not here: body reads (`read_body`, per-read timeout), the proxy front door (its own
-//! `proxy.handshake_timeout_ms`), or request handling (the wrapped `HttpProxy<Gateway>`).
+//! `proxy.handshake_timeout_ms`), or request handling (`super::listener`).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
 use pingora::protocols::{Peek, Stream};
-use pingora::proxy::HttpProxy;
-use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Sleep;
 
-use super::Gateway;
 use crate::telemetry::metric;
-
-/// The gateway's pingora app: the usual `HttpProxy<Gateway>`, behind a head deadline.
-pub struct GatewayListener {
-    proxy: Arc<HttpProxy<Gateway>>,
-    head_timeout: Duration,
-}
-
-impl GatewayListener {
-    pub fn new(proxy: HttpProxy<Gateway>, head_timeout: Duration) -> GatewayListener {
-        GatewayListener {
-            proxy: Arc::new(proxy),
-            head_timeout,
-        }
-    }
-}
-
-#[async_trait]
-impl ServerApp for GatewayListener {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let guarded = HeadDeadlineStream::new(stream, self.head_timeout);
-        self.proxy.process_new(Box::new(guarded), shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.proxy.cleanup().await
-    }
-}
 
 /// See the module docs.
 #[derive(Debug)]

@@ -18,6 +18,7 @@ mod breaker;
 mod head_deadline;
 mod keypool;
 mod lineage;
+mod listener;
 mod refusal;
 mod upstream;
 
@@ -57,8 +58,8 @@ use crate::store::{
 use crate::telemetry::{self, metric};
 use keypool::{Failover, NoKey};
 
-pub use head_deadline::GatewayListener;
 pub use lineage::{ThreadIndex, ThreadLink};
+pub use listener::GatewayListener;
 pub use refusal::{Refusal, RefusalKind};
 pub use upstream::{DnsCache, ProviderRoute};
 

@@ -191,8 +191,14 @@ impl TollgateBuilder {
             (None, Some(base)) => fresh_postgres_database(&base).await,
             _ => format!("sqlite://{}", db_path.display()),
         };
+        // No grace period unless a test sets its own.
+        let grace = if self.server_extra.contains("grace_period_seconds") {
+            ""
+        } else {
+            "grace_period_seconds = 0\n"
+        };
         let mut config = format!(
-            "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrace_period_seconds = 0\n{}\n\
+            "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{grace}{}\n\
              [database]\nurl = \"{}\"\n\n[auth]\nkey_cache_ttl_ms = 1000\n\n",
             self.server_extra, db_url
         );
