@@ -17,6 +17,9 @@ use parking_lot::RwLock;
 
 use crate::store::InterceptionRecord;
 
+mod interception_log;
+pub use interception_log::log_interception;
+
 /// Metric names (Prometheus, prefix `tollgate_`).
 pub mod metric {
     pub const INTERCEPTIONS_TOTAL: &str = "tollgate_interceptions_total";
@@ -253,6 +256,7 @@ pub fn init_logging(structured: bool, level: &str) {
         .with_env_filter(filter)
         .with_writer(|| LogWriter);
     let result = if structured {
+        STRUCTURED.store(true, std::sync::atomic::Ordering::Relaxed);
         builder
             .json()
             .flatten_event(true)
@@ -265,6 +269,13 @@ pub fn init_logging(structured: bool, level: &str) {
     if result.is_err() {
         // Already initialised (tests); keep the existing subscriber.
     }
+}
+
+/// Whether log lines are JSON (the interception records are then written by hand).
+static STRUCTURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn structured() -> bool {
+    STRUCTURED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 thread_local! {
@@ -413,107 +424,6 @@ impl Drop for LineBatch {
                 g.shrink_to(GATHER_KEEP / 4);
             }
         });
-    }
-}
-
-/// Emits the contract's interception log records for one finished interception (written to
-/// stdout together with other interceptions' within [`LOG_LINGER`]).
-pub fn log_interception(r: &InterceptionRecord) {
-    const MSG: &str = "interception log";
-    let _batch = LineBatch::start();
-    let id = r.id.to_string();
-    let started_at = r.started_at.to_rfc3339();
-    let ended_at = r.ended_at.to_rfc3339();
-    tracing::info!(
-        target: "tollgate::interception",
-        record_type = "interception_start",
-        interception_id = %id,
-        initiator_id = %r.user_id,
-        api_key_id = %optional(r.api_key_id),
-        provider = %r.provider,
-        model = %r.model,
-        client = r.client,
-        client_session_id = r.client_session_id.as_deref().unwrap_or(""),
-        started_at = %started_at,
-        thread_parent_id = %optional(r.thread_parent_id),
-        thread_root_id = %optional(r.thread_root_id),
-        "{MSG}"
-    );
-    let msg_id = r.response_id.as_deref().unwrap_or("");
-    if let Some(prompt) = &r.prompt {
-        tracing::info!(
-            target: "tollgate::interception",
-            record_type = "prompt_usage",
-            interception_id = %id,
-            msg_id,
-            prompt = %prompt,
-            created_at = %started_at,
-            "{MSG}"
-        );
-    }
-    for t in &r.thoughts {
-        tracing::info!(
-            target: "tollgate::interception",
-            record_type = "model_thought",
-            interception_id = %id,
-            content = %t.content,
-            created_at = %ended_at,
-            "{MSG}"
-        );
-    }
-    for t in &r.tool_calls {
-        tracing::info!(
-            target: "tollgate::interception",
-            record_type = "tool_usage",
-            interception_id = %id,
-            msg_id,
-            tool_call_id = %t.id,
-            tool = %t.name,
-            input = %t.input,
-            injected = false,
-            created_at = %ended_at,
-            "{MSG}"
-        );
-    }
-    tracing::info!(
-        target: "tollgate::interception",
-        record_type = "token_usage",
-        interception_id = %id,
-        msg_id,
-        input_tokens = r.usage.input,
-        output_tokens = r.usage.output,
-        cache_read_input_tokens = r.usage.cache_read,
-        cache_write_input_tokens = r.usage.cache_write,
-        reasoning_tokens = r.usage.reasoning,
-        created_at = %ended_at,
-        "{MSG}"
-    );
-    tracing::info!(
-        target: "tollgate::interception",
-        record_type = "interception_end",
-        interception_id = %id,
-        ended_at = %ended_at,
-        status = r.status.as_str(),
-        upstream_status = r.upstream_status,
-        cost_nano_usd = r.cost.0,
-        "{MSG}"
-    );
-}
-
-/// Absent ids are logged as empty strings so every record of a type has the same fields.
-fn optional(id: Option<uuid::Uuid>) -> OptionalId {
-    OptionalId(id)
-}
-
-/// An id, or nothing, formatted straight into the log line.
-struct OptionalId(Option<uuid::Uuid>);
-
-impl std::fmt::Display for OptionalId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(id) => id.fmt(f),
-            None => Ok(()),
-        }
     }
 }
 
