@@ -44,6 +44,8 @@ impl GatewayListener {
 
     /// One request on an HTTP/1 connection, from its head to the connection's release; `None`
     /// when the connection is done (closed, broken, not to be reused, or shutting down).
+    /// pingora's `finish` and `respond_error` futures are boxed: inline, their 3.7 KB and 1.3 KB
+    /// would size this future, which lives as long as the request (a long stream).
     async fn serve(
         &self,
         mut session: Session,
@@ -61,7 +63,7 @@ impl GatewayListener {
             Ok(false) => return None,
             Err(e) => {
                 if e.etype == ErrorType::InvalidHTTPHeader {
-                    let _ = session.downstream_session.respond_error(400).await;
+                    let _ = Box::pin(session.downstream_session.respond_error(400)).await;
                 }
                 tracing::debug!(error = %e, "gateway connection closed before a request");
                 session.downstream_session.shutdown().await;
@@ -70,7 +72,7 @@ impl GatewayListener {
         }
         if session.req_header().method == http::Method::CONNECT {
             // As pingora's HttpProxy: CONNECT belongs to the proxy front door, not here.
-            let _ = session.downstream_session.respond_error(405).await;
+            let _ = Box::pin(session.downstream_session.respond_error(405)).await;
             session.downstream_session.shutdown().await;
             return None;
         }
@@ -83,7 +85,8 @@ impl GatewayListener {
             Ok(_) => {
                 self.gateway.logging(&mut session, None, &mut ctx).await;
                 let settings = HttpPersistentSettings::for_session(&session.downstream_session);
-                let reusable = session.downstream_session.finish().await.ok().flatten()?;
+                let finish = Box::pin(session.downstream_session.finish());
+                let reusable = finish.await.ok().flatten()?;
                 Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
             }
             Err(e) => {
