@@ -1421,7 +1421,7 @@ async fn interception_log_records_are_written_together_in_order_and_none_lost_at
 /// and a graceful stop closes idle kept-alive connections at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_connection_carries_many_requests_and_a_stop_closes_idle_ones_at_once() {
-    use common::tunnel::read_h1_response;
+    use common::tunnel::{raw_exchange, read_h1_response};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let upstream = MockUpstream::always(MockResponse::fixture("openai-chat.json")).await;
@@ -1453,43 +1453,21 @@ async fn one_connection_carries_many_requests_and_a_stop_closes_idle_ones_at_onc
 
     // A refusal is answered before the body is read (no unauthenticated upload is taken in),
     // so pingora ends that connection after the answer rather than parse the unread body.
-    let mut refused = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let wrong_key = "tg_ffffffffffffffffffffffffffffffffffffffffffffffff";
-    refused
-        .write_all(request(wrong_key, "").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_h1_response(&mut refused).await.0, 401);
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), refused.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(read, Ok(Ok(0))),
-        "closed after the refusal: {read:?}"
-    );
+    let refused = answer_then_close(&addr, &request(wrong_key, "")).await;
+    assert_eq!(refused, (401, true), "refused, then closed");
 
     // `Connection: close` is honoured after the response.
-    let mut closing = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    closing
-        .write_all(request(&key, "Connection: close\r\n").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_h1_response(&mut closing).await.0, 200);
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), closing.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(read, Ok(Ok(0))),
-        "closed after the response: {read:?}"
-    );
+    let closing = answer_then_close(&addr, &request(&key, "Connection: close\r\n")).await;
+    assert_eq!(closing, (200, true), "answered, then closed");
 
     // A malformed head gets 400 and the connection ends; nothing reaches the provider.
-    let mut garbage = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    garbage
-        .write_all(b"POST /openai/v1/chat/completions HTTP/1.1\r\nBad Header Line\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = raw_exchange(
+        &addr,
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(
         upstream.request_count(),
@@ -1519,4 +1497,18 @@ async fn one_connection_carries_many_requests_and_a_stop_closes_idle_ones_at_onc
     );
     let (clean_exit, _) = tg.stop().await;
     assert!(clean_exit, "SIGTERM ends the process cleanly");
+}
+
+/// Sends `request` on a fresh connection: the answer's status, and whether the server closed
+/// the connection after it (within 5 s).
+async fn answer_then_close(addr: &str, request: &str) -> (u16, bool) {
+    use common::tunnel::read_h1_response;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let (status, _) = read_h1_response(&mut conn).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    (status, matches!(read, Ok(Ok(0))))
 }

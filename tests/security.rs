@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
-use common::tunnel::connect_tunnel_within;
+use common::tunnel::{connect_tunnel_within, raw_exchange};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,15 +41,6 @@ async fn provider_upstream() -> MockUpstream {
 /// Stands for a service next to Tollgate that nobody outside may reach through it.
 async fn decoy() -> MockUpstream {
     MockUpstream::always(MockResponse::json(200, json!({"decoy": "reached"}))).await
-}
-
-/// Sends raw bytes to `addr` and returns everything answered until close (or `wait`).
-async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn basic(key: &str) -> String {

@@ -104,3 +104,12 @@ pub fn der_of(pem: &str) -> Vec<CertificateDer<'static>> {
         .collect::<Result<_, _>>()
         .unwrap()
 }
+
+/// Sends raw bytes to `addr` and returns everything answered until close (or `wait`).
+pub async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
