@@ -256,7 +256,6 @@ pub fn init_logging(structured: bool, level: &str) {
         .with_env_filter(filter)
         .with_writer(|| LogWriter);
     let result = if structured {
-        STRUCTURED.store(true, std::sync::atomic::Ordering::Relaxed);
         builder
             .json()
             .flatten_event(true)
@@ -266,8 +265,12 @@ pub fn init_logging(structured: bool, level: &str) {
     } else {
         builder.with_target(false).try_init()
     };
-    if result.is_err() {
+    match result {
+        // The interception records are written by hand only beside the JSON subscriber.
+        Ok(()) if structured => STRUCTURED.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok(()) => {}
         // Already initialised (tests); keep the existing subscriber.
+        Err(_) => {}
     }
 }
 
