@@ -67,6 +67,7 @@ fn records(n: usize, users: &[Uuid]) -> Vec<InterceptionRecord> {
                 ttfb_ms: Some(350),
                 response_id: Some(format!("msg_{id}")),
                 usage,
+                usage_source: Default::default(),
                 prompt: (i % 4 != 0).then(|| format!("Please fix issue {i} in src/lib.rs.")),
                 tool_calls: if i % 3 == 0 {
                     vec![ToolCall {
@@ -194,6 +195,7 @@ async fn shared_admission(store: &Store) {
                 period,
                 NanoUsd(1_000_000_000_000),
                 NanoUsd(15_000_000),
+                false,
                 replica,
                 std::time::Duration::from_secs(30),
             )

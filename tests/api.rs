@@ -364,15 +364,23 @@ async fn members_see_only_their_own_and_every_filter_works() {
     )
     .await;
     assert_error(&r, 403, "another user's interception");
-    let r = get(&tg, &alice, "/api/v2/aibridge/sessions/bob-s1").await;
+    let r = get(
+        &tg,
+        &alice,
+        &format!("/api/v2/aibridge/sessions/{bob_id}:bob-s1"),
+    )
+    .await;
     assert_error(&r, 403, "another user's session");
+    // The client's session id alone names no session: sessions are per user (issue 14).
+    let r = get(&tg, &alice, "/api/v2/aibridge/sessions/bob-s1").await;
+    assert_error(&r, 404, "a bare client session id");
     let own = get_ok(
         &tg,
         &alice,
         &format!("/api/v2/aibridge/interceptions/{a_mini}"),
     )
     .await;
-    assert_eq!(own["session_id"], "alice-s1");
+    assert_eq!(own["session_id"], format!("{alice_id}:alice-s1"));
     assert_eq!(own["client_session_id"], "alice-s1");
     let sessions = get_ok(&tg, &alice, "/api/v2/aibridge/sessions").await;
     assert_eq!(sessions["count"], 3);
@@ -412,7 +420,7 @@ async fn members_see_only_their_own_and_every_filter_works() {
             vec![&b_resp, &a_claude, &a_mini, &a_chat],
         ),
         ("client:\"Claude Code\"".into(), vec![]),
-        ("session_id:alice-s1".into(), vec![&a_mini]),
+        (format!("session_id:{alice_id}:alice-s1"), vec![&a_mini]),
         (format!("session_id:{a_chat}"), vec![&a_chat]),
         (format!("started_after:{between_q}"), vec![&b_resp]),
         (
@@ -623,12 +631,14 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     pause().await;
     let lone = chat(&tg, &alice, "gpt-4o-2024-08-06", "alone", None).await;
     tg.wait_until_recorded(5).await;
+    // A client's session id names a session of that user (issue 14).
+    let work_1 = format!("{}:work-1", user_id(&tg, "alice").await);
 
     let list = get_ok(&tg, &alice, "/api/v2/aibridge/sessions").await;
     assert_eq!(list["count"], 3);
     assert_eq!(
         session_ids(&list),
-        vec![lone.clone(), root_call.clone(), "work-1".to_string()],
+        vec![lone.clone(), root_call.clone(), work_1.clone()],
         "newest activity first"
     );
     let by_id = |id: &str| -> Value {
@@ -642,7 +652,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     };
 
     // A client session id groups calls that are not otherwise related.
-    let work = by_id("work-1");
+    let work = by_id(&work_1);
     assert_eq!(work["interception_count"], 2);
     assert_eq!(work["threads"], 2);
     assert_eq!(work["models"], json!(["gpt-4o-2024-08-06", "gpt-4o-mini"]));
@@ -654,8 +664,8 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_eq!(work["token_usage_summary"]["cache_read_input_tokens"], 2048);
     let cost: i64 = tg
         .scalar(
-            "SELECT CAST(SUM(cost_nano_usd) AS BIGINT) FROM interceptions WHERE session_key = 'work-1'",
-            &[],
+            "SELECT CAST(SUM(cost_nano_usd) AS BIGINT) FROM interceptions WHERE session_key = ?",
+            &[&work_1],
         )
         .await;
     assert_eq!(work["cost_nano_usd"], cost);
@@ -702,7 +712,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_eq!(threads[0]["token_usage"]["cache_write_input_tokens"], 3600);
 
     // The client session's detail: two threads of one call each, oldest first.
-    let detail = get_ok(&tg, &alice, "/api/v2/aibridge/sessions/work-1").await;
+    let detail = get_ok(&tg, &alice, &format!("/api/v2/aibridge/sessions/{work_1}")).await;
     let threads = detail["threads"].as_array().unwrap();
     assert_eq!(threads.len(), 2);
     assert_eq!(threads[0]["interceptions"][0]["id"], w1.as_str());
@@ -727,7 +737,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
         "/api/v2/aibridge/sessions?q=model%3Agpt-4o-mini",
     )
     .await;
-    assert_eq!(session_ids(&r), vec!["work-1".to_string()]);
+    assert_eq!(session_ids(&r), vec![work_1.clone()]);
     assert_eq!(r["sessions"][0]["interception_count"], 1);
     assert_eq!(r["sessions"][0]["last_prompt"], "second");
     let r = get_ok(
@@ -745,7 +755,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
             &[],
         )
         .await;
-    let mut expected = vec![lone, root_call, "work-1".to_string()];
+    let mut expected = vec![lone, root_call, work_1];
     expected.sort();
     assert_eq!(keys, expected);
     let r = get(&tg, &alice, "/api/v2/aibridge/sessions/no-such-session").await;

@@ -656,7 +656,13 @@ async fn sessions_page(
             .chars()
             .take(90)
             .collect();
-        let short: String = s.id.chars().take(24).collect();
+        // A client's session id is stored after its user's id (`{user id}:{session}`): the
+        // part the client chose is what a reader recognises.
+        let label = match s.id.split_once(':') {
+            Some((user, session)) if uuid::Uuid::parse_str(user).is_ok() => session,
+            _ => s.id.as_str(),
+        };
+        let short: String = label.chars().take(24).collect();
         w!(
             &mut b,
             "<tr><td><a href=\"/dashboard/sessions/",

@@ -14,9 +14,10 @@ use http::Method;
 use serde_json::Value;
 
 use super::openai::{
-    array_field, count_at, is_one_segment_under, parse_request_object, str_field, string_field,
-    text_content, BlockingJsonParser, NoResponseDetails, TextBudget,
+    array_field, count_at, is_one_segment_under, str_field, string_field, text_content,
+    BlockingJsonParser, NoResponseDetails, TextBudget,
 };
+use super::request_body::parse_request_object;
 use super::{
     CredentialHeader, Endpoint, ParsedRequest, Provider, RequestError, ResponseParser,
     ResponseSummary, RouteMatch, Thought, ThoughtSource, TokenUsage, ToolCall,
@@ -229,6 +230,7 @@ fn messages_summary(response: &Value) -> ResponseSummary {
         usage: response.get("usage").and_then(messages_usage),
         tool_calls,
         thoughts,
+        ..ResponseSummary::default()
     }
 }
 
@@ -246,6 +248,8 @@ struct MessagesStreamState {
     /// By content block `index`.
     blocks: BTreeMap<u64, ContentBlock>,
     budget: TextBudget,
+    output_bytes: u64,
+    ended: bool,
 }
 
 impl MessagesStreamState {
@@ -276,14 +280,30 @@ impl MessagesStreamState {
                     }
                 }
             }
-            "content_block_delta" => self.apply_block_delta(&payload),
+            "content_block_delta" => {
+                self.count_output(&payload);
+                self.apply_block_delta(&payload);
+            }
+            "message_stop" => self.ended = true,
             "message_delta" => {
                 if let Some(delta_usage) = payload.get("usage").filter(|usage| usage.is_object()) {
                     self.apply_usage_delta(delta_usage);
                 }
             }
-            // `error` (overloaded mid-stream), `ping`, `content_block_stop`, `message_stop`.
+            // `error` (overloaded mid-stream), `ping`, `content_block_stop`.
             _ => {}
+        }
+    }
+
+    /// Generated text of any block (text, tool input, thinking, citations), counted whether or
+    /// not the block is one Tollgate records.
+    fn count_output(&mut self, payload: &Value) {
+        if let Some(delta) = payload.get("delta") {
+            self.output_bytes += ["text", "partial_json", "thinking"]
+                .iter()
+                .filter_map(|key| str_field(delta, key))
+                .map(|text| text.len() as u64)
+                .sum::<u64>();
         }
     }
 
@@ -339,6 +359,10 @@ impl ResponseParser for MessagesStreamParser {
         self.sse.feed(chunk, |event| state.on_event(event));
     }
 
+    fn ended(&self) -> bool {
+        self.state.ended
+    }
+
     fn finish(&mut self) -> ResponseSummary {
         self.sse.finish(|_| {});
         let state = std::mem::take(&mut self.state);
@@ -349,6 +373,8 @@ impl ResponseParser for MessagesStreamParser {
             usage: state.usage,
             tool_calls,
             thoughts,
+            output_bytes: state.output_bytes,
+            ended: state.ended,
         }
     }
 }
@@ -357,8 +383,8 @@ impl ResponseParser for MessagesStreamParser {
 mod tests {
     use super::*;
     use crate::providers::openai::tests::{
-        assert_matches_manifest, assert_rechunking_invariant, cut_before, summarise_chunks,
-        with_comments, with_crlf,
+        assert_matches_manifest, assert_rechunking_invariant, content, cut_before,
+        summarise_chunks, with_comments, with_crlf,
     };
     use proptest::prelude::*;
 
@@ -427,6 +453,7 @@ mod tests {
                 tool_result_ids: vec!["toolu_1".into(), "toolu_2".into()],
                 metadata_user_id: Some("user_abc_account_1_session_2".into()),
                 client_requested_usage: false,
+                ..ParsedRequest::default()
             }
         );
         assert_eq!(
@@ -486,7 +513,12 @@ mod tests {
         assert_matches_manifest(&blocking, "anthropic-messages.json");
         let stream = summarise(true, MESSAGES_STREAM);
         assert_matches_manifest(&stream, "anthropic-messages-stream.sse");
-        assert_eq!(stream, blocking);
+        assert_eq!(content(stream.clone()), content(blocking));
+        assert!(stream.ended);
+        assert_eq!(
+            stream.output_bytes, 136,
+            "thinking, text and tool input deltas"
+        );
         assert_eq!(
             stream.tool_calls[0].input,
             r#"{"max_lines":200,"path":"tests/retry.rs"}"#
@@ -568,7 +600,7 @@ event: message_delta
 data: {"type":"message_delta","delta":{},"usage":{"output_tokens":2}}
 
 "#;
-        assert_eq!(summarise(true, stream), blocking);
+        assert_eq!(content(summarise(true, stream)), content(blocking));
     }
 
     #[test]
@@ -618,9 +650,15 @@ data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta"
         );
         assert_eq!(summarise(true, &stream), summarise(true, &cut));
 
-        assert_eq!(summarise(false, OVERLOADED), ResponseSummary::default());
+        assert_eq!(
+            content(summarise(false, OVERLOADED)),
+            ResponseSummary::default()
+        );
         assert_eq!(summarise(true, OVERLOADED), ResponseSummary::default());
-        assert_eq!(summarise(false, b"\xff\x00{"), ResponseSummary::default());
+        assert_eq!(
+            content(summarise(false, b"\xff\x00{")),
+            ResponseSummary::default()
+        );
     }
 
     #[test]

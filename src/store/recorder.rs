@@ -367,6 +367,7 @@ mod tests {
                 output: 20,
                 ..TokenUsage::default()
             },
+            usage_source: Default::default(),
             prompt: Some("hello \u{1F600} \"quoted\"\n".into()),
             tool_calls: vec![ToolCall {
                 id: "toolu_1".into(),
