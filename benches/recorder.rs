@@ -116,6 +116,8 @@ async fn run(name: &str, store: Store, n: usize) -> f64 {
         spill_dir: std::env::temp_dir().join("tollgate-bench-spill"),
         spill_max_bytes: 0,
         spill_after: std::time::Duration::from_secs(2),
+        journal_dir: None,
+        journal_sync: std::time::Duration::from_millis(10),
     };
     let started = Instant::now();
     let (recorder, handle) = Recorder::start(store.clone(), config);

@@ -55,7 +55,7 @@ use crate::providers::{
 };
 use crate::store::{
     contains_tollgate_key, mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus,
-    Principal, Recorder, Store,
+    Principal, Recorder, SpendJournal, Store,
 };
 use crate::telemetry::{self, metric};
 use keypool::{Failover, NoKey};
@@ -79,6 +79,8 @@ pub struct GatewayState {
     /// The runtime that owns the database pool; cache misses run there.
     pub db: tokio::runtime::Handle,
     pub recorder: Recorder,
+    /// Settled interceptions, on disk before their last byte goes out (see `SpendJournal`).
+    journal: Option<Arc<SpendJournal>>,
     pub governance: Governance,
     /// Decrypts stored personal provider keys (present when user keys are allowed).
     pub vault: Option<KeyVault>,
@@ -94,6 +96,7 @@ impl GatewayState {
         store: Store,
         db: tokio::runtime::Handle,
         recorder: Recorder,
+        journal: Option<Arc<SpendJournal>>,
         vault: Option<KeyVault>,
         env: impl Fn(&str) -> Option<String>,
     ) -> GatewayState {
@@ -108,6 +111,7 @@ impl GatewayState {
             store,
             db,
             recorder,
+            journal,
             governance,
             vault,
             stored_keys: StoredKeyCache::new(config.auth.key_cache_ttl),
@@ -518,6 +522,13 @@ impl Gateway {
             ));
         }
         let rest = match query {
+            // The path goes upstream as it is: a Tollgate key in it would reach the provider.
+            Some(q) if contains_tollgate_key(q) => {
+                return Err(Refusal::new(
+                    RefusalKind::BadRequest,
+                    "the query string carries a Tollgate key, which is never sent to a provider: send it in a header (Authorization, x-api-key or X-Tollgate-Key)",
+                ))
+            }
             Some(q) => format!("{rest_path}?{q}"),
             None => rest_path.to_string(),
         };
@@ -1050,9 +1061,13 @@ impl Gateway {
                     return Err(Stop::Broken(e));
                 }
             };
-            if let Some(o) = open.as_deref_mut() {
+            let mut final_event = false;
+            if let Some(o) = open.as_deref_mut().filter(|o| o.summary.is_none()) {
                 match o.parser.as_mut() {
-                    Some(p) => p.feed(&chunk),
+                    Some(p) => {
+                        p.feed(&chunk);
+                        final_event = p.ended();
+                    }
                     None if o.error_body.len() < ERROR_BODY_KEEP => {
                         let keep = (ERROR_BODY_KEEP - o.error_body.len()).min(chunk.len());
                         o.error_body.extend_from_slice(&chunk[..keep]);
@@ -1060,10 +1075,12 @@ impl Gateway {
                     None => {}
                 }
             }
-            if conn.response_done() {
-                // The last chunk: settle what it says before the client can act on it (a
-                // follow-up tool result may arrive the moment the client has these bytes).
-                if let Some(o) = open.as_deref_mut() {
+            let done = conn.response_done();
+            if done || final_event {
+                // The final event or the last chunk: settle what it says before the client can
+                // act on it (a follow-up tool result may arrive the moment the client has these
+                // bytes), and before a crash could lose it (the spend journal).
+                if let Some(o) = open.as_deref_mut().filter(|o| o.summary.is_none()) {
                     Box::pin(self.settle(o)).await;
                     if let Some(s) = &o.settled {
                         self.state
@@ -1072,6 +1089,8 @@ impl Gateway {
                             .await;
                     }
                 }
+            }
+            if done {
                 Box::pin(self.release(upstream.take(), &peer)).await;
             }
             let out = match stripper.as_mut() {
@@ -1092,7 +1111,7 @@ impl Gateway {
             if let Some(o) = open.as_deref_mut() {
                 // The final event is the client's: a reset after it (HTTP/2 clients send one
                 // the moment they have it) does not undo a completed call.
-                if upstream.is_none() || o.parser.as_ref().is_some_and(|p| p.ended()) {
+                if upstream.is_none() || o.summary.as_ref().is_some_and(|s| s.ended) {
                     o.delivered = true;
                 }
             }
@@ -1236,6 +1255,11 @@ impl Gateway {
             source,
             settlement,
         });
+        if let Some(journal) = &self.state.journal {
+            // As it stands now: the final record, if it is ever written, replaces nothing (a
+            // recovered one is inserted only where the final one is missing).
+            journal.append(&record_of(open, &summary, status_of(open, true)));
+        }
         open.summary = Some(summary);
     }
 
@@ -1244,59 +1268,10 @@ impl Gateway {
     async fn close_interception(&self, mut open: OpenInterception) {
         self.settle(&mut open).await;
         let summary = open.summary.take().unwrap_or_default();
-        let status = open
-            .status
-            .unwrap_or(match (open.delivered, open.upstream_status) {
-                (true, Some(status)) if status >= 400 => InterceptionStatus::UpstreamError,
-                (true, _) => InterceptionStatus::Completed,
-                (false, _) => InterceptionStatus::ClientAborted,
-            });
-        let Settled {
-            usage,
-            source: usage_source,
-            settlement,
-        } = open.settled.take().expect("settle() leaves a settlement");
-        let ended_at = Utc::now();
-        let error = open.error.take().or_else(|| {
-            (!open.error_body.is_empty())
-                .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
-        });
-        let thread_root = open.thread.map(|t| t.root);
-        let session_key = session_key(&open.principal, &open.client, thread_root, open.id);
-        let record = InterceptionRecord {
-            id: open.id,
-            user_id: open.principal.user_id,
-            api_key_id: Some(open.principal.api_key_id),
-            provider: open.route.name.clone(),
-            provider_kind: open.route.kind.as_str(),
-            endpoint: endpoint_name(open.endpoint),
-            model: std::mem::take(&mut open.request.model),
-            response_model: summary.model,
-            client: open.client.client.as_str(),
-            client_session_id: open.client.session_id.clone(),
-            session_key,
-            thread_parent_id: open.thread.map(|t| t.parent),
-            thread_root_id: thread_root,
-            credential_kind: open.credential_kind,
-            credential_hint: open.credential_hint.take(),
-            status,
-            upstream_status: open.upstream_status,
-            error,
-            streaming: open.streaming,
-            started_at: open.started_at,
-            ended_at,
-            ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
-            response_id: summary.response_id,
-            usage,
-            usage_source,
-            prompt: open.request.last_user_prompt.take(),
-            tool_calls: summary.tool_calls,
-            thoughts: summary.thoughts,
-            cost: settlement.cost,
-            price: settlement.price,
-            spend_period_start: settlement.charge.period_start,
-            shared_reservation: settlement.charge.shared_reservation,
-        };
+        let mut record = record_of(&open, &summary, status_of(&open, open.delivered));
+        record.prompt = open.request.last_user_prompt.take();
+        record.tool_calls = summary.tool_calls;
+        record.thoughts = summary.thoughts;
         open.route.series().inflight().decrement(1.0);
         telemetry::count_interception(
             &record,
@@ -1700,6 +1675,69 @@ fn is_timeout(e: &Error) -> bool {
         e.etype(),
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
     )
+}
+
+/// How an interception ended: the failure it recorded, else by the upstream's answer if the
+/// client has the whole answer (`delivered`), else the client went away.
+fn status_of(open: &OpenInterception, delivered: bool) -> InterceptionStatus {
+    open.status
+        .unwrap_or(match (delivered, open.upstream_status) {
+            (true, Some(status)) if status >= 400 => InterceptionStatus::UpstreamError,
+            (true, _) => InterceptionStatus::Completed,
+            (false, _) => InterceptionStatus::ClientAborted,
+        })
+}
+
+/// The record of a settled interception, without its text (prompt, tool calls, thoughts),
+/// which the caller adds if it keeps them.
+fn record_of(
+    open: &OpenInterception,
+    summary: &ResponseSummary,
+    status: InterceptionStatus,
+) -> InterceptionRecord {
+    let settled = open
+        .settled
+        .as_ref()
+        .expect("records are made of settled interceptions");
+    let error = open.error.clone().or_else(|| {
+        (!open.error_body.is_empty())
+            .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
+    });
+    let thread_root = open.thread.map(|t| t.root);
+    InterceptionRecord {
+        id: open.id,
+        user_id: open.principal.user_id,
+        api_key_id: Some(open.principal.api_key_id),
+        provider: open.route.name.clone(),
+        provider_kind: open.route.kind.as_str(),
+        endpoint: endpoint_name(open.endpoint),
+        model: open.request.model.clone(),
+        response_model: summary.model.clone(),
+        client: open.client.client.as_str(),
+        client_session_id: open.client.session_id.clone(),
+        session_key: session_key(&open.principal, &open.client, thread_root, open.id),
+        thread_parent_id: open.thread.map(|t| t.parent),
+        thread_root_id: thread_root,
+        credential_kind: open.credential_kind,
+        credential_hint: open.credential_hint.clone(),
+        status,
+        upstream_status: open.upstream_status,
+        error,
+        streaming: open.streaming,
+        started_at: open.started_at,
+        ended_at: Utc::now(),
+        ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
+        response_id: summary.response_id.clone(),
+        usage: settled.usage,
+        usage_source: settled.source,
+        prompt: None,
+        tool_calls: Vec::new(),
+        thoughts: Vec::new(),
+        cost: settled.settlement.cost,
+        price: settled.settlement.price,
+        spend_period_start: settled.settlement.charge.period_start,
+        shared_reservation: settled.settlement.charge.shared_reservation,
+    }
 }
 
 /// A session groups one user's interceptions: the client's session id (scoped to the user, so

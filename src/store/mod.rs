@@ -11,6 +11,7 @@
 
 mod dialect;
 mod governance;
+mod journal;
 mod queries;
 mod record;
 mod recorder;
@@ -32,6 +33,7 @@ use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
+pub use journal::{JournalError, Recovery, SpendJournal, RECOVERED};
 pub use queries::{
     GroupDetail, GroupRef, InterceptionFilter, InterceptionPage, InterceptionRow, PriceOverride,
     PromptRow, Queries, SeatHolderRow, SessionCursor, SessionPage, SessionSummary, SpendLimitEntry,
@@ -39,7 +41,7 @@ pub use queries::{
     UserDetail,
 };
 pub use record::{CredentialKind, InterceptionRecord, InterceptionStatus};
-pub use recorder::{Recorder, RecorderHandle};
+pub use recorder::{Recorder, RecorderHandle, RecorderProgress};
 pub use retention::{purge_once, run_retention, spawn_retention, RETENTION_PURGED_TOTAL};
 pub use spend::SharedReservation;
 

@@ -31,6 +31,7 @@ pub mod metric {
     pub const COST_NANO_USD_TOTAL: &str = "tollgate_cost_nano_usd_total";
     pub const UNPRICED_TOTAL: &str = "tollgate_unpriced_interceptions_total";
     pub const USAGE_SOURCE_TOTAL: &str = "tollgate_usage_source_total";
+    pub const JOURNAL_ERRORS_TOTAL: &str = "tollgate_journal_errors_total";
     pub const REFUSALS_TOTAL: &str = "tollgate_refusals_total";
     /// Admissions that could not reach the shared budget store (PostgreSQL).
     pub const BUDGET_STORE_ERRORS_TOTAL: &str = "tollgate_budget_store_errors_total";
@@ -105,6 +106,7 @@ fn register_known_series() {
         metric::RECORDER_SPILLED_TOTAL,
         metric::LEAF_CERTS_MINTED_TOTAL,
         metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
+        metric::JOURNAL_ERRORS_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -156,6 +158,10 @@ fn describe() {
     describe_counter!(
         metric::USAGE_SOURCE_TOTAL,
         "Interceptions by where their usage came from: reported by the provider, estimated by Tollgate (the response ended without a usage report), none (nothing reached a model)."
+    );
+    describe_counter!(
+        metric::JOURNAL_ERRORS_TOTAL,
+        "Failed writes or syncs of the spend journal."
     );
     describe_counter!(
         metric::REFUSALS_TOTAL,
