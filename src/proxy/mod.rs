@@ -22,6 +22,7 @@
 //!
 //! Not here: request handling inside the tunnel (`gateway`), certificates (`tls`).
 
+pub mod client_hello;
 pub mod destination;
 mod head;
 mod mitm;
