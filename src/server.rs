@@ -339,21 +339,6 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn database_passwords_are_redacted() {
-        assert_eq!(
-            super::redact_url("postgres://tg:pw@localhost/tg"),
-            "postgres://tg:***@localhost/tg"
-        );
-        assert_eq!(
-            super::redact_url("sqlite://data/t.db"),
-            "sqlite://data/t.db"
-        );
-    }
-}
-
 /// Opens the spend journal, restoring what an unclean stop left in it.
 fn open_journal(
     background: &tokio::runtime::Runtime,
@@ -372,4 +357,19 @@ fn open_journal(
         );
     }
     Ok(journal)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_passwords_are_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://tg:pw@localhost/tg"),
+            "postgres://tg:***@localhost/tg"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://data/t.db"),
+            "sqlite://data/t.db"
+        );
+    }
 }
