@@ -298,6 +298,7 @@ async fn members_see_only_their_own_and_every_filter_works() {
                "cache_write_input_tokens": 1800, "reasoning_tokens": 0})
     );
     assert_eq!(claude["cost_usd"], "0.014205");
+    assert_eq!(claude["usage_source"], "reported");
     assert_eq!(claude["cost_nano_usd"], 14_205_000);
     assert_eq!(claude["user_prompts"][0]["prompt"], "Fix the flaky test.");
     assert_eq!(
@@ -2316,4 +2317,82 @@ async fn retention_on_postgres_deletes_the_old_interceptions_and_their_children(
         0
     );
     db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_users_session_id_or_tool_call_id_joins_nothing_of_theirs() {
+    let upstream = upstream().await;
+    let tg = start(&upstream, "").await;
+    let root = tg.admin_key("root");
+    let alice = tg.user_key("alice");
+    let bob = tg.user_key("bob");
+    // Bob works in his session and makes a tool call.
+    chat(
+        &tg,
+        &bob,
+        "gpt-4o-mini",
+        "bob's real question",
+        Some("bob-work"),
+    )
+    .await;
+    let bob_call = messages(&tg, &bob, "bob fixes a test").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Alice reuses his session id and answers his tool-call id.
+    let alice_chat = chat(
+        &tg,
+        &alice,
+        "gpt-4o-mini",
+        "alice was here",
+        Some("bob-work"),
+    )
+    .await;
+    let alice_followup = tool_result_followup(&tg, &alice).await;
+    tg.wait_until_recorded(4).await;
+    let (alice_id, bob_id) = (user_id(&tg, "alice").await, user_id(&tg, "bob").await);
+
+    // Her tool result does not join bob's thread (before: it did, as his thread's child).
+    let followup = get_ok(
+        &tg,
+        &root,
+        &format!("/api/v2/aibridge/interceptions/{alice_followup}"),
+    )
+    .await;
+    assert!(followup["thread_parent_id"].is_null(), "{followup}");
+    assert!(followup["thread_root_id"].is_null(), "{followup}");
+    // Bob's sessions, as an admin lists them: bob is their only initiator and his prompt is
+    // the last (before: his "bob-work" showed alice's prompt).
+    let listed = get_ok(&tg, &root, "/api/v2/aibridge/sessions?q=initiator%3Abob").await;
+    for session in listed["sessions"].as_array().unwrap() {
+        assert_eq!(session["initiator"]["username"], "bob", "{session}");
+        assert_ne!(session["last_prompt"], "alice was here", "{session}");
+        assert_eq!(session["interception_count"], 1, "{session}");
+    }
+
+    // Bob's session, as an admin sees it: bob's call only, his prompt last.
+    let bobs = get_ok(
+        &tg,
+        &root,
+        &format!("/api/v2/aibridge/sessions/{bob_id}:bob-work"),
+    )
+    .await;
+    assert_eq!(bobs["interception_count"], 1, "{bobs}");
+    assert_eq!(bobs["initiator"]["username"], "bob");
+    assert_eq!(bobs["last_prompt"], "bob's real question");
+    // Alice's reuse is a session of hers.
+    let hers = get_ok(
+        &tg,
+        &root,
+        &format!("/api/v2/aibridge/sessions/{alice_id}:bob-work"),
+    )
+    .await;
+    assert_eq!(hers["initiator"]["username"], "alice");
+    assert_eq!(
+        hers["threads"][0]["interceptions"][0]["id"],
+        alice_chat.as_str()
+    );
+    let bobs_thread = get_ok(&tg, &root, &format!("/api/v2/aibridge/sessions/{bob_call}")).await;
+    assert_eq!(bobs_thread["interception_count"], 1, "{bobs_thread}");
+    // And bob sees nothing of hers in his list.
+    let list = get_ok(&tg, &bob, "/api/v2/aibridge/sessions").await;
+    assert!(!list.to_string().contains("alice was here"), "{list}");
 }

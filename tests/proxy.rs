@@ -1355,3 +1355,150 @@ fn the_proxy_refuses_to_start_without_a_usable_ca() {
         "{out}"
     );
 }
+
+/// Every place a client can put its Tollgate key, through both doors and under every key
+/// policy: the provider never receives it (issue 14; before, with `allow_user_api_key` the key
+/// sent both as `X-Tollgate-Key` and as `Authorization` went upstream as the "user's key").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tollgate_key_never_reaches_the_provider_under_any_policy_header_or_door() {
+    let upstream = fixture_upstream().await;
+    let policies = [
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+        (true, true, true),
+    ];
+    let mut sent = 0;
+    for (central, user, fallback) in policies {
+        let (tg, key) = proxy_with(
+            &upstream,
+            "",
+            &format!(
+                "[keys]\ncentral_api_key_enabled = {central}\nallow_user_api_key = {user}\nallow_central_api_key_fallback = {fallback}"
+            ),
+        )
+        .await;
+        let bearer = format!("Bearer {key}");
+        // (header, value) sets: the key alone, with its own header, and under other names.
+        let header_sets: Vec<Vec<(&str, &str)>> = vec![
+            vec![("authorization", &bearer)],
+            vec![("x-api-key", &key)],
+            vec![("x-tollgate-key", &key), ("authorization", &bearer)],
+            vec![("x-tollgate-key", &key), ("x-api-key", &key)],
+            vec![
+                ("x-tollgate-key", &key),
+                ("authorization", &bearer),
+                ("x-api-key", &key),
+            ],
+            vec![
+                ("x-coder-ai-governance-token", &key),
+                ("authorization", &bearer),
+            ],
+            vec![
+                ("x-tollgate-key", &key),
+                ("api-key", &key),
+                ("x-goog-api-key", &key),
+                ("openai-organization", &key),
+            ],
+        ];
+        let gateway = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mitm = proxied(&tg, &key, true, &[]);
+        for (provider, body, path) in [
+            ("openai", chat_request(false), "/v1/chat/completions"),
+            (
+                "anthropic",
+                json!({"model": "claude-sonnet-4-5-20250929", "max_tokens": 64,
+                       "messages": [{"role": "user", "content": "hi"}]}),
+                "/v1/messages",
+            ),
+        ] {
+            for headers in &header_sets {
+                // The base-URL door, then the proxy door (the key is also the proxy password).
+                let mut requests = vec![gateway.post(format!("{}/{provider}{path}", tg.gateway))];
+                requests.push(mitm.post(format!("https://api.{provider}.com{path}")));
+                for mut request in requests {
+                    for (name, value) in headers {
+                        request = request.header(*name, *value);
+                    }
+                    let resp = request.json(&body).send().await.unwrap();
+                    let status = resp.status().as_u16();
+                    // The central key serves it where the policy uses it; otherwise the user
+                    // has no key of their own (a Tollgate key is not one): 403.
+                    let expected = if central && (!user || fallback) {
+                        200
+                    } else {
+                        403
+                    };
+                    assert_eq!(
+                        status,
+                        expected,
+                        "{provider} {headers:?} policy {central}/{user}/{fallback}: {}",
+                        resp.text().await.unwrap()
+                    );
+                    sent += 1;
+                }
+            }
+        }
+        // A query string carrying it is refused outright (the path goes upstream as it is).
+        let resp = gateway
+            .get(format!("{}/openai/v1/models?key={key}", tg.gateway))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let secret = &key[3..];
+        for request in upstream.requests() {
+            for (name, value) in &request.headers {
+                assert!(
+                    !value.contains(secret),
+                    "the Tollgate key went upstream in {name} under {central}/{user}/{fallback}"
+                );
+            }
+            assert!(!request.path.contains(secret));
+        }
+    }
+    assert_eq!(sent, 4 * 2 * 7 * 2);
+    assert!(upstream.request_count() > 0);
+}
+
+/// An HTTP/2 client (Codex through the proxy) resets its stream the moment it has the final
+/// event; the call completed and is recorded so (before: `client_aborted`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_after_the_final_event_leaves_the_call_completed() {
+    let mut stream = fixture_bytes("openai-responses-stream.sse");
+    let end = stream.len();
+    // After the final event the upstream lingers (a keep-alive comment) before it ends.
+    stream.extend_from_slice(b": keep-alive\n\n");
+    let upstream = MockUpstream::always(
+        MockResponse::sse(stream)
+            .chunking(common::mock::Chunking::At(vec![end]))
+            .delay(Duration::from_millis(300)),
+    )
+    .await;
+    let (tg, key) = proxy_with(&upstream, "", "").await;
+    let client = proxied(&tg, &key, false, &[]);
+    let body = json!({"model": "gpt-5", "input": "Run the tests.", "stream": true});
+    let resp = client
+        .post(format!("{OPENAI}/v1/responses"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let id = interception_id(&resp);
+    let mut got = Vec::new();
+    let mut body_stream = resp.bytes_stream();
+    use futures_util::StreamExt;
+    while let Some(chunk) = body_stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+        if String::from_utf8_lossy(&got).contains("response.completed") {
+            break;
+        }
+    }
+    drop(body_stream); // RST_STREAM: the client has what it wanted
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
+    assert_eq!(row["status"], "completed", "{row}");
+    assert_eq!(row["output"], 180, "{row}");
+}

@@ -1215,23 +1215,34 @@ impl Gateway {
                 .remember(open.principal.user_id, &call.id, link);
         }
         let billed = open.request_sent && open.upstream_status.is_none_or(|s| s < 400);
-        let (usage, source) = match (summary.usage, &open.admission) {
-            (Some(usage), _) => (usage, UsageSource::Reported),
-            (None, Some(admission)) if billed => {
-                let usage = estimated_usage(EstimateJob {
-                    body: open.body.clone(),
-                    model: summary
-                        .model
-                        .clone()
-                        .unwrap_or_else(|| open.request.model.clone()),
-                    media_parts: open.request.input.media_parts,
-                    output_bytes: summary.output_bytes,
-                    bound: admission.bound,
-                })
-                .await;
+        let estimate = match &open.admission {
+            Some(admission) if billed && summary.usage.is_none() => Some(EstimateJob {
+                body: open.body.clone(),
+                model: summary
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| open.request.model.clone()),
+                media_parts: open.request.input.media_parts,
+                output_bytes: summary.output_bytes,
+                bound: admission.bound,
+            }),
+            _ => None,
+        };
+        let (usage, source) = match (summary.usage, estimate, summary.partial_usage) {
+            (Some(usage), _, _) => (usage, UsageSource::Reported),
+            // A stream cut before its final usage may have reported part of it (Anthropic's
+            // input counts come first, the output count last): what it reported stands, and
+            // output is at least what the client was sent.
+            (None, Some(job), Some(partial)) => {
+                let estimated = estimated_usage(job).await;
+                let usage = TokenUsage {
+                    output: partial.output.max(estimated.output),
+                    ..partial
+                };
                 (usage, UsageSource::Estimated)
             }
-            (None, _) => (TokenUsage::default(), UsageSource::Absent),
+            (None, Some(job), None) => (estimated_usage(job).await, UsageSource::Estimated),
+            (None, None, partial) => (partial.unwrap_or_default(), UsageSource::Absent),
         };
         // Charge now, before the client has the last byte, so its next request already sees
         // the spend (sequential requests cannot slip past a nearly spent cap).

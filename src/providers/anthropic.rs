@@ -245,6 +245,8 @@ struct MessagesStreamState {
     response_id: Option<String>,
     model: Option<String>,
     usage: Option<TokenUsage>,
+    /// `message_delta` brought the final output count.
+    usage_final: bool,
     /// By content block `index`.
     blocks: BTreeMap<u64, ContentBlock>,
     budget: TextBudget,
@@ -336,6 +338,7 @@ impl MessagesStreamState {
     /// `output_tokens` is cumulative (replace, never add). Newer API versions also repeat the
     /// input and cache counts here; a non-zero value there is the more recent word.
     fn apply_usage_delta(&mut self, delta: &Value) {
+        self.usage_final = true;
         let usage = self.usage.get_or_insert_with(TokenUsage::default);
         if let Some(output) = delta.get("output_tokens").and_then(Value::as_u64) {
             usage.output = output;
@@ -370,7 +373,8 @@ impl ResponseParser for MessagesStreamParser {
         ResponseSummary {
             response_id: state.response_id,
             model: state.model,
-            usage: state.usage,
+            usage: state.usage.filter(|_| state.usage_final),
+            partial_usage: state.usage.filter(|_| !state.usage_final),
             tool_calls,
             thoughts,
             output_bytes: state.output_bytes,
@@ -538,9 +542,11 @@ mod tests {
     fn cut_stream_keeps_what_was_seen() {
         let cut = cut_before(MESSAGES_STREAM, "\"partial_json\":\"\\\"max_line\"");
         let summary = summarise(true, &cut);
-        // Input and cache counts are known from message_start; output is still the provisional 1.
+        // Input and cache counts are known from message_start; output is still the provisional
+        // 1: a partial report, not the final one (the gateway estimates the output).
+        assert_eq!(summary.usage, None);
         assert_eq!(
-            summary.usage,
+            summary.partial_usage,
             Some(TokenUsage {
                 input: 420,
                 output: 1,

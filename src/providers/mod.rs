@@ -287,8 +287,13 @@ pub struct ResponseSummary {
     pub response_id: Option<String>,
     /// The model the upstream says answered (may differ from the requested alias).
     pub model: Option<String>,
-    /// `None` when no usage was seen (e.g. a stream cut before its usage event).
+    /// The provider's final usage report; `None` when none was seen (e.g. a stream cut
+    /// before its usage event).
     pub usage: Option<TokenUsage>,
+    /// Counts a stream reported before its final usage, when that never came (Anthropic sends
+    /// input counts first and the output count last): exact where given, provisional for
+    /// output.
+    pub partial_usage: Option<TokenUsage>,
     pub tool_calls: Vec<ToolCall>,
     pub thoughts: Vec<Thought>,
     /// Bytes of generated output the response carried (text, tool arguments, thoughts; the

@@ -726,6 +726,7 @@ impl ResponseParser for ChatStreamParser {
             thoughts: Vec::new(),
             output_bytes: state.output_bytes,
             ended: state.ended,
+            partial_usage: None,
         }
     }
 }
@@ -988,6 +989,7 @@ impl ResponseParser for ResponsesStreamParser {
             thoughts,
             output_bytes: state.output_bytes,
             ended: false,
+            partial_usage: None,
         }
     }
 }
@@ -1806,6 +1808,7 @@ pub(super) mod tests {
                 thoughts: vec![],
                 output_bytes: body.len() as u64,
                 ended: true,
+                partial_usage: None,
             }
         );
     }
