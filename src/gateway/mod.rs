@@ -1269,7 +1269,9 @@ impl Gateway {
         if let Some(journal) = &self.state.journal {
             // As it stands now: the final record, if it is ever written, replaces nothing (a
             // recovered one is inserted only where the final one is missing).
-            journal.append(&record_of(open, &summary, status_of(open, true)));
+            let thread_root = open.thread.map(|t| t.root);
+            let session_key = session_key(&open.principal, &open.client, thread_root, open.id);
+            journal.append(&journal_entry(open, &summary, &session_key));
         }
         open.summary = Some(summary);
     }
@@ -1748,6 +1750,53 @@ fn record_of(
         price: settled.settlement.price,
         spend_period_start: settled.settlement.charge.period_start,
         shared_reservation: settled.settlement.charge.shared_reservation,
+    }
+}
+
+/// A settled interception as the spend journal keeps it (borrowing what `open` holds).
+fn journal_entry<'a>(
+    open: &'a OpenInterception,
+    summary: &'a ResponseSummary,
+    session_key: &'a str,
+) -> crate::store::JournalEntry<&'a str> {
+    let settled = open
+        .settled
+        .as_ref()
+        .expect("journal entries are made of settled interceptions");
+    crate::store::JournalEntry {
+        id: open.id.as_u64_pair(),
+        user_id: open.principal.user_id.as_u64_pair(),
+        api_key_id: Some(open.principal.api_key_id.as_u64_pair()),
+        provider: &open.route.name,
+        provider_kind: open.route.kind.as_str(),
+        endpoint: endpoint_name(open.endpoint),
+        model: &open.request.model,
+        response_model: summary.model.as_deref(),
+        client: open.client.client.as_str(),
+        client_session_id: open.client.session_id.as_deref(),
+        session_key,
+        thread_parent_id: open.thread.map(|t| t.parent.as_u64_pair()),
+        thread_root_id: open.thread.map(|t| t.root.as_u64_pair()),
+        credential_kind: open.credential_kind,
+        credential_hint: open.credential_hint.as_deref(),
+        status: status_of(open, true),
+        upstream_status: open.upstream_status,
+        error: open.error.as_deref(),
+        streaming: open.streaming,
+        started_ms: open.started_at.timestamp_millis(),
+        ended_ms: Utc::now().timestamp_millis(),
+        ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
+        response_id: summary.response_id.as_deref(),
+        usage: settled.usage,
+        usage_source: settled.source,
+        cost: settled.settlement.cost.0,
+        price: settled.settlement.price,
+        spend_period_ms: settled.settlement.charge.period_start.timestamp_millis(),
+        shared_reservation: settled
+            .settlement
+            .charge
+            .shared_reservation
+            .map(|r| r.as_u64_pair()),
     }
 }
 

@@ -33,7 +33,7 @@ use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
-pub use journal::{JournalError, Recovery, SpendJournal, RECOVERED};
+pub use journal::{JournalEntry, JournalError, Recovery, SpendJournal, RECOVERED};
 pub use queries::{
     GroupDetail, GroupRef, InterceptionFilter, InterceptionPage, InterceptionRow, PriceOverride,
     PromptRow, Queries, SeatHolderRow, SessionCursor, SessionPage, SessionSummary, SpendLimitEntry,

@@ -113,16 +113,20 @@ pub type Label = &'static str;
 /// The `&'static str` fields come from small fixed sets (provider kinds, endpoints, clients);
 /// reading them back from a spill file leaks each distinct value once.
 fn interned<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    Ok(intern(String::deserialize(d)?))
+}
+
+/// A label read back from disk (spill file, spend journal) as a [`Label`].
+pub(super) fn intern(value: String) -> Label {
     static SEEN: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashSet<&'static str>>> =
         std::sync::OnceLock::new();
-    let value = String::deserialize(d)?;
     let mut seen = SEEN.get_or_init(Default::default).lock();
     if let Some(v) = seen.get(value.as_str()) {
-        return Ok(v);
+        return v;
     }
     let leaked: &'static str = Box::leak(value.into_boxed_str());
     seen.insert(leaked);
-    Ok(leaked)
+    leaked
 }
 
 fn db_u64(v: u64) -> i64 {
