@@ -7,8 +7,9 @@
 //! to their own records by the same checks. Nothing is fetched from elsewhere at run time: the
 //! stylesheet is compiled in and charts are inline SVG.
 //!
-//! Not here: the API (`api`), the queries (`store::Queries`), escaping (`html`).
+//! Not here: the API (`api`), the queries (`store::Queries`), escaping (`html`, `csv`).
 
+mod csv;
 pub mod html;
 mod signin;
 
@@ -962,21 +963,6 @@ async fn usage_page(
     )
 }
 
-/// One CSV field: quoted when needed, and a leading `= + - @` defused so a spreadsheet does not
-/// run a username or model name as a formula.
-fn csv_field(text: &str) -> String {
-    let text = if text.starts_with(['=', '+', '-', '@']) {
-        format!("'{text}")
-    } else {
-        text.to_string()
-    };
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text
-    }
-}
-
 async fn usage_csv(
     viewer: Viewer,
     State(state): State<Arc<GatewayState>>,
@@ -992,8 +978,8 @@ async fn usage_csv(
         let u = &r.token_usage;
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{}\r\n",
-            csv_field(&r.key),
-            csv_field(&rollup_label(r)),
+            csv::field(&r.key),
+            csv::field(&rollup_label(r)),
             r.interception_count,
             u.input_tokens,
             u.output_tokens,
