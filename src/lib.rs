@@ -4,6 +4,7 @@
 //! use the same modules. One module per concern: `config`, `gateway` (the request pipeline),
 //! `providers` (wire formats), `sse`, `clients`, `auth`, `governance`, `store`, `api`,
 //! `telemetry`, `proxy` (the HTTPS_PROXY front door), `tls` (its CA and certificates),
+//! `private_files` (owner-only files for records and secrets),
 //! `server` (start-up and shutdown), `reload` (SIGHUP).
 
 #[macro_use]
@@ -17,6 +18,7 @@ pub mod dashboard;
 pub mod gateway;
 pub mod governance;
 pub mod money;
+pub mod private_files;
 pub mod providers;
 pub mod proxy;
 pub mod reload;
