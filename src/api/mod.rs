@@ -16,6 +16,7 @@ pub mod budgets;
 pub mod error;
 pub mod extract;
 pub mod interceptions;
+pub mod listener;
 pub mod me;
 pub mod query;
 pub mod seats;
