@@ -9,6 +9,7 @@
 //! Not here: deciding anything (auth, budgets, routing). The store answers questions and writes
 //! what it is given.
 
+mod dashboard_sessions;
 mod dialect;
 mod governance;
 mod queries;
@@ -31,6 +32,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
+pub use dashboard_sessions::DashboardSession;
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
 pub use queries::{
     GroupDetail, GroupRef, InterceptionFilter, InterceptionPage, InterceptionRow, PriceOverride,
