@@ -70,6 +70,9 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         vault,
         |name| std::env::var(name).ok(),
     ));
+    state
+        .keys
+        .set_failed_attempts_per_minute(config.auth.failed_attempts_per_minute);
     background
         .block_on(state.governance.refresh(&state.store, chrono::Utc::now()))
         .context("cannot load budgets and prices")?;

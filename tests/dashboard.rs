@@ -1,4 +1,4 @@
-//! The dashboard over HTTP against the real binary: sign-in with a key cookie, every page
+//! The dashboard over HTTP against the real binary: sign-in into a session cookie, every page
 //! rendered from seeded interceptions, the numbers on the pages equal to the API's, the budget
 //! editor's change enforced by the gateway, members confined to their own records, and forms
 //! refused without their CSRF token.
@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::dashboard::{csrf_of, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
 use reqwest::redirect::Policy;
@@ -66,12 +67,7 @@ async fn api(tg: &Tollgate, key: &str, path: &str) -> Value {
 
 /// Signs in through the form and returns the `Cookie` header value the browser would send.
 async fn sign_in(tg: &Tollgate, key: &str) -> String {
-    let resp = http()
-        .post(format!("{}/dashboard/sign-in", tg.admin))
-        .form(&[("key", key)])
-        .send()
-        .await
-        .unwrap();
+    let resp = sign_in_response(tg, key).await;
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/dashboard");
     let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
@@ -131,11 +127,6 @@ async fn post_form(
         .send()
         .await
         .unwrap()
-}
-
-fn csrf_of(html: &str) -> String {
-    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
-    html[start..start + html[start..].find('"').unwrap()].to_string()
 }
 
 /// The `<tr>` whose opening tag carries `marker`, up to its end.

@@ -406,3 +406,130 @@ async fn a_descriptor_flood_under_a_lowered_limit_leaves_healthz_and_real_calls_
     let (status, _) = read_h1_response(&mut again).await;
     assert_eq!(status, 200);
 }
+
+/// A random key of the right shape (`tg_` + 48 hex): only a lookup could tell it is unknown.
+fn random_key() -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!("tg_{}", hex::encode(bytes))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_random_keys_costs_no_query_once_its_address_is_throttled() {
+    /// `auth.failed_attempts_per_minute` here: the burst an address may fail before it is
+    /// throttled.
+    const BURST: f64 = 20.0;
+    const FLOOD: usize = 2000;
+    const CONNECTIONS: usize = 8;
+    let upstream = provider().await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .provider("anthropic", "anthropic", &upstream.base_url())
+        .mitm_hosts("openai", &["api.openai.com"])
+        .proxy("")
+        .env("TOLLGATE_AUTH__FAILED_ATTEMPTS_PER_MINUTE", "20")
+        .start()
+        .await;
+    let alice = tg.user_key("alice");
+    let bob = tg.user_key("bob");
+    let gateway = addr(&tg.gateway);
+    let models = |key: &str| {
+        format!("GET /openai/v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\r\n")
+    };
+    // Alice has used her key from 127.0.0.1 before the flood starts there.
+    let mut conn = TcpStream::connect(&gateway).await.unwrap();
+    conn.write_all(models(&alice).as_bytes()).await.unwrap();
+    assert_eq!(read_h1_response(&mut conn).await.0, 200);
+    let lookups = |m: &str| {
+        metric_value(m, "tollgate_key_cache_lookups_total{result=\"miss\"}").unwrap_or(0.0)
+    };
+    let before = lookups(&metrics(&tg).await);
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = TcpStream::connect(&gateway).await.unwrap();
+            let mut statuses = Vec::new();
+            for _ in 0..FLOOD / CONNECTIONS {
+                let request = format!(
+                    "GET /openai/v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+                    random_key()
+                );
+                conn.write_all(request.as_bytes()).await.unwrap();
+                statuses.push(read_h1_response(&mut conn).await.0);
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let queries = lookups(&metrics(&tg).await) - before;
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    eprintln!(
+        "{FLOOD} random keys in {elapsed:.1} s ({:.0}/s): {refused} answered 401, {throttled} 429; {queries} database lookups ({:.1}/s)",
+        FLOOD as f64 / elapsed,
+        queries / elapsed
+    );
+    assert_eq!(refused + throttled, FLOOD, "{statuses:?}");
+    let allowed = BURST + elapsed * BURST / 60.0 + 1.0;
+    assert!(
+        queries <= allowed,
+        "{queries} lookups for {FLOOD} random keys (at most {allowed:.0} expected)"
+    );
+
+    // The 429 is in the caller's provider format, with Retry-After; nothing was looked up.
+    let mut conn = TcpStream::connect(&gateway).await.unwrap();
+    conn.write_all(models(&random_key()).as_bytes())
+        .await
+        .unwrap();
+    let (status, body) = read_h1_response(&mut conn).await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["code"], "too_many_failed_authentications");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/anthropic/v1/messages", tg.gateway))
+        .header("x-api-key", random_key())
+        .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+
+    // The admin API, the dashboard's sign-in and the proxy's CONNECT share the count.
+    let api = reqwest::Client::new()
+        .get(format!("{}/api/v2/users/me/budget", tg.admin))
+        .bearer_auth(random_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 429);
+    assert!(api.headers().contains_key("retry-after"));
+    let sign_in = common::dashboard::sign_in_response(&tg, &random_key()).await;
+    assert_eq!(sign_in.status(), 429);
+    let (_, head) =
+        connect_tunnel(&tg.proxy_addr(), "api.openai.com:443", Some(&random_key())).await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+
+    // Alice's key, known valid, still works from the throttled address; Bob, whose key was
+    // never seen, is not held back from another address.
+    let mut conn = TcpStream::connect(&gateway).await.unwrap();
+    conn.write_all(models(&alice).as_bytes()).await.unwrap();
+    assert_eq!(read_h1_response(&mut conn).await.0, 200);
+    let mut conn = connect_from("127.0.0.2", &gateway).await;
+    conn.write_all(models(&bob).as_bytes()).await.unwrap();
+    assert_eq!(read_h1_response(&mut conn).await.0, 200);
+    let mut conn = connect_from("127.0.0.2", &gateway).await;
+    conn.write_all(models(&random_key()).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_h1_response(&mut conn).await.0, 401);
+}

@@ -44,6 +44,8 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::auth::failures::Throttled;
+use crate::auth::KeyCheckError;
 use crate::config::{ProxyConfig, TunnelPolicy};
 use crate::front_door::connections::turn_away;
 use crate::front_door::{linger_close, ClientKey, ConnectionLimiter, HeadLimits, LINGER};
@@ -91,6 +93,8 @@ pub enum ConnectRefusal {
     ProxyAuthRequired(&'static str),
     #[error("Tollgate cannot check keys right now (database unavailable)")]
     KeyCheckUnavailable,
+    #[error("{0}: the proxy password was not checked")]
+    AuthThrottled(Throttled),
     #[error("{0}")]
     Unreachable(String),
     #[error("{0}")]
@@ -109,6 +113,7 @@ impl ConnectRefusal {
             | ConnectRefusal::ReservedDestination(_) => (403, "Forbidden"),
             ConnectRefusal::ProxyAuthRequired(_) => (407, "Proxy Authentication Required"),
             ConnectRefusal::KeyCheckUnavailable => (503, "Service Unavailable"),
+            ConnectRefusal::AuthThrottled(_) => (429, "Too Many Requests"),
             ConnectRefusal::Unreachable(_) => (502, "Bad Gateway"),
             ConnectRefusal::UpstreamTimeout(_) => (504, "Gateway Timeout"),
         }
@@ -124,6 +129,7 @@ impl ConnectRefusal {
             ConnectRefusal::ReservedDestination(_) => "reserved_destination",
             ConnectRefusal::ProxyAuthRequired(_) => "proxy_auth_required",
             ConnectRefusal::KeyCheckUnavailable => "key_check_unavailable",
+            ConnectRefusal::AuthThrottled(_) => "auth_throttled",
             ConnectRefusal::Unreachable(_) => "unreachable",
             ConnectRefusal::UpstreamTimeout(_) => "timeout",
             ConnectRefusal::NotTls(_) => "not_tls",
@@ -241,6 +247,7 @@ impl ForwardProxy {
     /// One connection, from its first byte to its end.
     async fn serve(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let peer = peer_of(&stream);
+        let client = ClientKey::of_stream(&stream);
         let mut stream: Stream = match &self.listener_tls {
             None => stream,
             Some(tls) => {
@@ -322,7 +329,7 @@ impl ForwardProxy {
         }
         match self.mitm.get(&target.host) {
             Some(host) => {
-                let key = match self.check_key(&head).await {
+                let key = match self.check_key(&head, client).await {
                     Ok(key) => key,
                     Err(refusal) => return self.deny(stream, &peer, Some(&target), refusal).await,
                 };
@@ -334,7 +341,11 @@ impl ForwardProxy {
     }
 
     /// The proxy password must be a valid Tollgate key before anything is decrypted.
-    async fn check_key(&self, head: &RequestHead) -> Result<String, ConnectRefusal> {
+    async fn check_key(
+        &self,
+        head: &RequestHead,
+        client: ClientKey,
+    ) -> Result<String, ConnectRefusal> {
         let Some(key) = head.proxy_authorization.as_deref().and_then(proxy_key) else {
             return Err(ConnectRefusal::ProxyAuthRequired(
                 "missing proxy credentials",
@@ -343,14 +354,17 @@ impl ForwardProxy {
         match self
             .state
             .keys
-            .resolve(&key, &self.state.store, &self.state.db)
+            .resolve(&key, client, &self.state.store, &self.state.db)
             .await
         {
             Ok(Some(_)) => Ok(key),
             Ok(None) => Err(ConnectRefusal::ProxyAuthRequired(
                 "invalid or revoked Tollgate key",
             )),
-            Err(e) => {
+            Err(KeyCheckError::Throttled(throttled)) => {
+                Err(ConnectRefusal::AuthThrottled(throttled))
+            }
+            Err(KeyCheckError::Store(e)) => {
                 tracing::error!(error = %e, "key lookup for a CONNECT failed");
                 Err(ConnectRefusal::KeyCheckUnavailable)
             }
@@ -543,6 +557,10 @@ pub async fn respond(mut stream: Stream, refusal: &ConnectRefusal) {
     );
     if status == 407 {
         head.push_str("Proxy-Authenticate: Basic realm=\"tollgate\"\r\n");
+    }
+    if let ConnectRefusal::AuthThrottled(throttled) = refusal {
+        let secs = throttled.retry_after.as_secs().max(1);
+        head.push_str(&format!("Retry-After: {secs}\r\n"));
     }
     head.push_str("\r\n");
     head.push_str(&body);
