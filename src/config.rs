@@ -1581,6 +1581,22 @@ mod tests {
     fn defaults_without_a_file() {
         let c = Config::from_parts("none", None, &[]).unwrap();
         assert_eq!(c.server.gateway_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.server.client_header_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.max_request_head_bytes, 64 * 1024);
+        assert_eq!(
+            (
+                c.server.max_connections,
+                c.server.max_connections_per_client,
+                c.server.admin_max_connections,
+                c.server.admin_max_connections_per_client,
+                c.proxy.max_connections
+            ),
+            (10_000, 1_024, 64, 16, 10_000)
+        );
+        assert_eq!(c.auth.failed_attempts_per_minute, 60);
+        assert_eq!(c.auth.dashboard_idle, Duration::from_secs(3600));
+        assert_eq!(c.auth.dashboard_max_age, Duration::from_secs(12 * 3600));
         assert_eq!(c.database.url, "sqlite://data/tollgate.db");
         assert_eq!(c.limits.max_body_bytes, 33_554_432);
         assert_eq!(c.providers.len(), 2);

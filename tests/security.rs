@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::dashboard::{cookie_of, csrf_of, dashboard_get, dashboard_post, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
-use common::tunnel::{connect_tunnel_within, raw_exchange};
+use common::tunnel::{connect_tunnel_within, der_of, raw_exchange, read_h1_response, tls_client};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1267,4 +1267,107 @@ async fn the_usage_csv_defuses_every_formula_leading_character() {
         fields += 1;
     }
     assert_eq!(fields, models.len(), "{csv}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_key_stops_working_inside_an_open_tunnel() {
+    let upstream = provider_upstream().await;
+    let (tg, _) = with_proxy(&upstream, "").await;
+    let root = tg.admin_key("root");
+    let user = api_ok(
+        &tg,
+        Method::POST,
+        &root,
+        "/api/v2/users",
+        Some(&json!({"username": "alice"})),
+    )
+    .await;
+    let uid = user["id"].as_str().unwrap();
+    let created = api_ok(
+        &tg,
+        Method::POST,
+        &root,
+        &format!("/api/v2/users/{uid}/keys"),
+        Some(&json!({"name": "laptop"})),
+    )
+    .await;
+    let (key, key_id) = (
+        created["secret"].as_str().unwrap(),
+        created["id"].as_str().unwrap(),
+    );
+
+    let (tcp, head) = connect(&tg.proxy_addr(), "api.openai.com:443", Some(key)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut tunnel = tls_client(&der_of(&tg.proxy_ca_pem()))
+        .connect(
+            rustls::pki_types::ServerName::try_from("api.openai.com").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let models = b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n";
+    tunnel.write_all(models).await.unwrap();
+    assert_eq!(read_h1_response(&mut tunnel).await.0, 200);
+
+    let (status, _) = api(
+        &tg,
+        Method::DELETE,
+        &root,
+        &format!("/api/v2/users/{uid}/keys/{key_id}"),
+        None,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}");
+    // The same tunnel, the same connection: the next request is checked again, and refused.
+    tunnel.write_all(models).await.unwrap();
+    assert_eq!(read_h1_response(&mut tunnel).await.0, 401);
+    assert_eq!(upstream.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_carry_no_ids_and_no_secrets() {
+    let upstream = provider_upstream().await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .start()
+        .await;
+    let key = tg.user_key("carol-7d1e");
+    let session = "carol-session-5b9f";
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    for bearer in [
+        key.as_str(),
+        "tg_ffffffffffffffffffffffffffffffffffffffffffffffff",
+    ] {
+        http()
+            .post(format!("{}/openai/v1/chat/completions", tg.gateway))
+            .bearer_auth(bearer)
+            .header("x-tollgate-session", session)
+            .json(&chat)
+            .send()
+            .await
+            .unwrap();
+    }
+    tg.wait_until_recorded(1).await;
+    let text = common::server::metrics(&tg).await;
+    assert!(
+        text.contains("tollgate_interceptions_total"),
+        "metrics were recorded"
+    );
+    let mut never: Vec<String> = vec![
+        key.clone(),
+        key[3..].to_string(),
+        "carol-7d1e".into(),
+        session.into(),
+        OPENAI_CENTRAL_KEY.into(),
+    ];
+    for sql in [
+        "SELECT CAST(id AS TEXT) FROM users",
+        "SELECT CAST(id AS TEXT) FROM api_keys",
+        "SELECT CAST(id AS TEXT) FROM interceptions",
+    ] {
+        never.extend(tg.column::<String>(sql, &[]).await);
+    }
+    for value in &never {
+        assert!(!text.contains(value.as_str()), "/metrics names {value:?}");
+    }
 }
