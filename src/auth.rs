@@ -253,8 +253,10 @@ impl KeyCache {
             metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "hit").increment(1);
             return Ok(Some(principal));
         }
-        if !self.known_valid(&hash) {
-            if let Err(throttled) = self.failures.check(client) {
+        // A key not known valid may fail: that failure is spent before anything else.
+        let spent = !self.known_valid(&hash);
+        if spent {
+            if let Err(throttled) = self.failures.take(client) {
                 metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "throttled")
                     .increment(1);
                 return Err(throttled.into());
@@ -263,10 +265,23 @@ impl KeyCache {
             if cached.is_some() || malformed {
                 let result = if malformed { "malformed" } else { "hit" };
                 metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => result).increment(1);
-                self.failures.record_failure(client);
                 return Ok(None);
             }
         }
+        let found = self.look_up(hash, store, db).await;
+        if spent && !matches!(found, Ok(None)) {
+            self.failures.refund(client);
+        }
+        found
+    }
+
+    /// The store's answer for a key the cache could not answer (see [`KeyCache::resolve`]).
+    async fn look_up(
+        &self,
+        hash: [u8; 32],
+        store: &Store,
+        db: &tokio::runtime::Handle,
+    ) -> Result<Option<Arc<Principal>>, KeyCheckError> {
         metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "miss").increment(1);
         let lookup = {
             let store = store.clone();
@@ -293,9 +308,6 @@ impl KeyCache {
             None => lookup.await.inspect_err(|_| store.note_failure())?,
         };
         let principal = found.map(Arc::new);
-        if principal.is_none() {
-            self.failures.record_failure(client);
-        }
         self.insert(hash, principal.clone());
         Ok(principal)
     }

@@ -5,8 +5,9 @@
 //! `auth.failed_attempts_per_minute` tokens, refilled at that rate. Every failed key check (an
 //! unknown, revoked or malformed key, a bad dashboard session) takes one. An address whose
 //! bucket is empty is throttled: a key it presents that Tollgate does not already know is
-//! refused with 429 and `Retry-After` without any lookup (`KeyCache::resolve` asks
-//! [`AuthFailures::check`] before the database). Keys already known to be valid still work, so
+//! refused with 429 and `Retry-After` without any lookup (`KeyCache::resolve` takes a failure
+//! with [`AuthFailures::take`] before it asks the database, and gives it back when the key
+//! turns out valid, so concurrent lookups cannot spend more than the bucket holds). Keys already known to be valid still work, so
 //! one misconfigured client behind a shared address does not lock out the others.
 //!
 //! Memory is bounded: at most [`MAX_ADDRESSES`] buckets; when full, buckets that have refilled
@@ -82,53 +83,64 @@ impl AuthFailures {
         f64::from(self.per_minute.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// `Err` when `client` has no failures left to spend: its unknown keys get 429, unlooked-up
-    /// (counted in `tollgate_auth_failures_throttled_total`).
-    pub fn check(&self, client: ClientKey) -> Result<(), Throttled> {
+    /// Spends one of `client`'s failures on a check that may fail, before it is made (so
+    /// concurrent checks cannot overspend); [`AuthFailures::refund`] gives it back when the
+    /// check succeeds. `Err` when none is left: the check must not be made, and the client gets
+    /// 429 (counted in `tollgate_auth_failures_throttled_total`).
+    pub fn take(&self, client: ClientKey) -> Result<(), Throttled> {
         let rate = self.rate();
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
-        let Some(bucket) = buckets.by_client.get_mut(&client) else {
-            return Ok(());
-        };
-        bucket.refill(now, rate);
+        let bucket = buckets.of(client, now, rate);
         if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
             return Ok(());
         }
-        metrics::counter!(metric::AUTH_FAILURES_THROTTLED_TOTAL).increment(1);
         let wait = (1.0 - bucket.tokens) * 60.0 / rate;
+        drop(buckets);
+        metrics::counter!(metric::AUTH_FAILURES_THROTTLED_TOTAL).increment(1);
         Err(Throttled {
             retry_after: Duration::from_secs(wait.ceil().max(1.0) as u64),
         })
     }
 
-    /// Counts one failed authentication from `client`.
-    pub fn record_failure(&self, client: ClientKey) {
+    /// Gives back a failure [`AuthFailures::take`] spent: the check succeeded, or could not be
+    /// made (the database did not answer), which is not the client's fault.
+    pub fn refund(&self, client: ClientKey) {
         let rate = self.rate();
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
+        let bucket = buckets.of(client, now, rate);
+        bucket.tokens = (bucket.tokens + 1.0).min(rate);
+    }
+}
+
+impl Buckets {
+    /// `client`'s bucket as of `now` (a full one for a new address; the shared overflow bucket
+    /// when [`MAX_ADDRESSES`] are tracked and none has refilled).
+    fn of(&mut self, client: ClientKey, now: Instant, rate: f64) -> &mut Bucket {
         let full = |b: &Buckets| b.by_client.len() >= MAX_ADDRESSES;
-        if !buckets.by_client.contains_key(&client)
-            && full(&buckets)
-            && now.duration_since(buckets.pruned) >= Duration::from_secs(1)
+        if !self.by_client.contains_key(&client)
+            && full(self)
+            && now.duration_since(self.pruned) >= Duration::from_secs(1)
         {
-            buckets.pruned = now;
-            buckets.by_client.retain(|_, b| {
+            self.pruned = now;
+            self.by_client.retain(|_, b| {
                 b.refill(now, rate);
                 b.tokens < rate
             });
         }
-        let key = if buckets.by_client.contains_key(&client) || !full(&buckets) {
+        let key = if self.by_client.contains_key(&client) || !full(self) {
             client
         } else {
             ClientKey::Unknown
         };
-        let bucket = buckets.by_client.entry(key).or_insert(Bucket {
+        let bucket = self.by_client.entry(key).or_insert(Bucket {
             tokens: rate,
             updated: now,
         });
         bucket.refill(now, rate);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+        bucket
     }
 }
 
@@ -144,37 +156,36 @@ mod tests {
     fn an_address_is_throttled_after_its_burst_and_others_are_not() {
         let failures = AuthFailures::new(5);
         for _ in 0..5 {
-            failures.check(client(1)).unwrap();
-            failures.record_failure(client(1));
+            failures.take(client(1)).unwrap();
         }
-        let throttled = failures.check(client(1)).unwrap_err();
+        let throttled = failures.take(client(1)).unwrap_err();
         assert!(
             (1..=12).contains(&throttled.retry_after.as_secs()),
             "{throttled:?}"
         );
-        failures.check(client(2)).expect("another address is not");
+        failures.take(client(2)).expect("another address is not");
+        // A check that succeeded gives its failure back.
+        failures.refund(client(1));
+        failures.take(client(1)).expect("refunded");
     }
 
     #[test]
     fn the_bucket_refills_at_the_configured_rate() {
         let failures = AuthFailures::new(600); // 10 a second
-        for _ in 0..600 {
-            failures.record_failure(client(1));
-        }
-        assert!(failures.check(client(1)).is_err());
+        while failures.take(client(1)).is_ok() {}
         std::thread::sleep(Duration::from_millis(200));
-        failures.check(client(1)).expect("refilled after 200 ms");
+        failures.take(client(1)).expect("refilled after 200 ms");
     }
 
     #[test]
     fn memory_is_bounded_by_sharing_one_bucket_past_the_limit() {
         let failures = AuthFailures::new(1);
         for i in 0..MAX_ADDRESSES as u32 + 10 {
-            failures.record_failure(ClientKey::V4(i.to_be_bytes()));
+            let _ = failures.take(ClientKey::V4(i.to_be_bytes()));
         }
         assert_eq!(failures.buckets.lock().by_client.len(), MAX_ADDRESSES + 1);
         assert!(
-            failures.check(ClientKey::Unknown).is_err(),
+            failures.take(ClientKey::Unknown).is_err(),
             "the overflow shares one bucket"
         );
     }

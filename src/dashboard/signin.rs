@@ -232,17 +232,18 @@ pub async fn viewer(
     let Some(session_id) = cookie_session(headers) else {
         return Ok(None);
     };
+    // An unknown session id is a failed authentication: spent before the lookup, given back
+    // when the session is found (or the database could not say).
     let failures = state.keys.failures();
-    failures.check(client).map_err(SignInError::Throttled)?;
+    failures.take(client).map_err(SignInError::Throttled)?;
     let hash = session_hash(&session_id);
     let now = Utc::now();
     let idle = chrono::Duration::from_std(state.config().auth.dashboard_idle).unwrap_or_default();
-    let Some(session) = state
-        .store
-        .dashboard_session(&hash, now, now - idle)
-        .await?
-    else {
-        failures.record_failure(client);
+    let found = state.store.dashboard_session(&hash, now, now - idle).await;
+    if !matches!(found, Ok(None)) {
+        failures.refund(client);
+    }
+    let Some(session) = found? else {
         return Ok(None);
     };
     if now - session.last_seen_at >= TOUCH_EVERY {
