@@ -50,39 +50,41 @@ pub fn append(path: &Path) -> io::Result<File> {
     owner_only().create(true).append(true).open(path)
 }
 
-/// Refuses `path` when group or others have any permission on it. A missing file passes.
-pub fn check(path: &Path) -> Result<(), TooOpen> {
+/// The permission bits (`0o777`) of `path`.
+pub fn mode(path: &Path) -> io::Result<u32> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & OTHERS != 0 {
-                return Err(TooOpen {
-                    path: path.to_path_buf(),
-                    mode,
-                });
-            }
-        }
+        Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
     }
     #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
+    {
+        std::fs::metadata(path).map(|_| 0o600)
+    }
+}
+
+/// Refuses `path` when group or others have any permission on it. A missing file passes.
+pub fn check(path: &Path) -> Result<(), TooOpen> {
+    match mode(path) {
+        Ok(mode) if mode & OTHERS != 0 => Err(TooOpen {
+            path: path.to_path_buf(),
+            mode,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Takes group and others' permissions off a file Tollgate itself made (an older version made
 /// them with the process umask).
 pub fn restrict(path: &Path) -> io::Result<()> {
+    let mode = mode(path)?;
     #[cfg(unix)]
-    {
+    if mode & OTHERS != 0 {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-        if mode & OTHERS != 0 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !OTHERS))?;
-        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !OTHERS))?;
     }
     #[cfg(not(unix))]
-    let _ = path;
+    let _ = mode;
     Ok(())
 }
 
@@ -102,7 +104,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+        super::mode(path).unwrap()
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::dashboard::{csrf_of, sign_in_response};
+use common::dashboard::{csrf_of, dashboard_post, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
 use reqwest::redirect::Policy;
@@ -112,21 +112,6 @@ async fn page_ok(tg: &Tollgate, cookie: &str, path: &str) -> String {
     let p = page(tg, cookie, path).await;
     assert_eq!(p.status, 200, "GET {path}: {}", p.text);
     p.text
-}
-
-async fn post_form(
-    tg: &Tollgate,
-    cookie: &str,
-    path: &str,
-    form: &[(&str, &str)],
-) -> reqwest::Response {
-    http()
-        .post(format!("{}{path}", tg.admin))
-        .header("cookie", cookie)
-        .form(form)
-        .send()
-        .await
-        .unwrap()
 }
 
 /// The `<tr>` whose opening tag carries `marker`, up to its end.
@@ -480,7 +465,7 @@ async fn members_see_only_their_own_records() {
     assert!(usage.contains(&format!("<td class=\"num cost\">{cost}</td>")));
     // A member's form post to an admin editor is refused even with a valid token.
     let csrf = csrf_of(&overview);
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets",
@@ -519,7 +504,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
             ("limit_usd", "0"),
         ],
     ] {
-        let resp = post_form(&tg, &cookie, "/dashboard/budgets", &form).await;
+        let resp = dashboard_post(&tg, &cookie, "/dashboard/budgets", &form).await;
         assert_eq!(resp.status(), 403);
     }
     assert_eq!(api(&tg, &admin, "/api/v2/budgets").await["count"], 0);
@@ -531,7 +516,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     );
 
     // A bad amount comes back as the editor with the API's reason.
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets",
@@ -541,7 +526,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     assert_eq!(resp.status(), 422);
     assert!(resp.text().await.unwrap().contains("role=\"alert\""));
 
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets",
@@ -578,7 +563,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
 
     // A price saved through the pricing editor is what the API then reports.
     let pricing = page_ok(&tg, &cookie, "/dashboard/pricing").await;
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/pricing",
@@ -606,7 +591,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     // The remove buttons undo both through the API: alice may call again, the override is gone.
     let editor = page_ok(&tg, &cookie, "/dashboard/budgets").await;
     assert!(editor.contains(&format!("name=\"target\" value=\"{target}\"")));
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets/remove",
@@ -614,7 +599,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     )
     .await;
     assert_eq!(resp.status(), 403, "removing needs the CSRF token too");
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets/remove",
@@ -632,7 +617,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
         assert!(Instant::now() < deadline, "the removed cap still applies");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/pricing/remove",
@@ -649,12 +634,12 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
 
     // Sign-out needs the token too, then clears the cookie.
     assert_eq!(
-        post_form(&tg, &cookie, "/dashboard/sign-out", &[])
+        dashboard_post(&tg, &cookie, "/dashboard/sign-out", &[])
             .await
             .status(),
         403
     );
-    let resp = post_form(&tg, &cookie, "/dashboard/sign-out", &[("csrf", &csrf)]).await;
+    let resp = dashboard_post(&tg, &cookie, "/dashboard/sign-out", &[("csrf", &csrf)]).await;
     assert_eq!(resp.status(), 303);
     assert!(resp.headers()["set-cookie"]
         .to_str()

@@ -275,14 +275,7 @@ async fn unpriced_models_are_flagged_or_refused() {
         (false, 0),
         "recorded, flagged as unpriced, no cost"
     );
-    let metrics = http()
-        .get(format!("{}/metrics", allow.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::server::metrics(&allow).await;
     assert!(
         metrics.contains(
             "tollgate_unpriced_interceptions_total{provider=\"openai\",model=\"unpriced\"} 1"
@@ -527,14 +520,7 @@ async fn central_key_fallback_and_seat_gauges() {
     // Two users have used AI: two seats of ten.
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {
-        let metrics = http()
-            .get(format!("{}/metrics", tg.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::server::metrics(&tg).await;
         if metrics.contains("tollgate_seats_used 2") && metrics.contains("tollgate_seats_limit 10")
         {
             break;

@@ -1078,14 +1078,13 @@ fn secret_files_others_can_read_stop_the_server_at_start() {
 
 #[test]
 fn what_tollgate_writes_is_readable_by_its_owner_only() {
-    use std::os::unix::fs::PermissionsExt;
     if common::server::skip_on_postgres("checks the modes of the SQLite files") {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tg = rt.block_on(Tollgate::builder().start());
     tg.user_key("alice"); // a write, so the WAL and shared-memory files exist
-    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mode = |p: &std::path::Path| tollgate::private_files::mode(p).unwrap();
     let db = tg.db_path.display().to_string();
     for file in [db.clone(), format!("{db}-wal"), format!("{db}-shm")] {
         let file = std::path::Path::new(&file);
@@ -1114,37 +1113,33 @@ fn what_tollgate_writes_is_readable_by_its_owner_only() {
     assert_eq!(mode(&nested), 0o600);
 }
 
+/// Creates a user through the API; returns its id.
+async fn api_user(tg: &Tollgate, root: &str, name: &str) -> String {
+    let body = json!({ "username": name });
+    let user = api_ok(tg, Method::POST, root, "/api/v2/users", Some(&body)).await;
+    user["id"].as_str().unwrap().to_string()
+}
+
+/// Creates a key for user `uid` through the API: its secret and its id.
+async fn api_key(tg: &Tollgate, root: &str, uid: &str, name: &str) -> (String, String) {
+    let path = format!("/api/v2/users/{uid}/keys");
+    let key = api_ok(
+        tg,
+        Method::POST,
+        root,
+        &path,
+        Some(&json!({ "name": name })),
+    )
+    .await;
+    let field = |f: &str| key[f].as_str().unwrap().to_string();
+    (field("secret"), field("id"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dashboard_cookie_is_a_session_that_sign_out_revocation_and_deletion_end() {
     let tg = Tollgate::builder().start().await;
     let root = tg.admin_key("root");
-    let user = api_ok(
-        &tg,
-        Method::POST,
-        &root,
-        "/api/v2/users",
-        Some(&json!({"username": "alice"})),
-    )
-    .await;
-    let uid = user["id"].as_str().unwrap().to_string();
-    let new_key = |name: &'static str| {
-        let (tg, root, uid) = (&tg, root.clone(), uid.clone());
-        async move {
-            let key = api_ok(
-                tg,
-                Method::POST,
-                &root,
-                &format!("/api/v2/users/{uid}/keys"),
-                Some(&json!({"name": name})),
-            )
-            .await;
-            (
-                key["secret"].as_str().unwrap().to_string(),
-                key["id"].as_str().unwrap().to_string(),
-            )
-        }
-    };
-    let (key, key_id) = new_key("laptop").await;
+    let uid = api_user(&tg, &root, "alice").await;
     let open = |key: String| {
         let tg = &tg;
         async move {
@@ -1153,13 +1148,31 @@ async fn a_dashboard_cookie_is_a_session_that_sign_out_revocation_and_deletion_e
             cookie_of(&resp).expect("a session cookie")
         }
     };
+    let status = |cookie: String| {
+        let tg = &tg;
+        async move { dashboard_get(tg, &cookie, "/dashboard").await.0 }
+    };
+    // An admin's DELETE, then the session `cookie` must be over (sent back to sign-in).
+    let ends_after_delete = |path: String, cookie: String, why: &'static str| {
+        let (tg, root) = (&tg, root.clone());
+        async move {
+            let (deleted, _) = api(tg, Method::DELETE, &root, &path, None).await;
+            assert!((200..300).contains(&deleted), "DELETE {path}: {deleted}");
+            assert_eq!(
+                dashboard_get(tg, &cookie, "/dashboard").await.0,
+                303,
+                "{why}"
+            );
+        }
+    };
+    let (key, key_id) = api_key(&tg, &root, &uid, "laptop").await;
 
     // The cookie holds a session id, not the key, and is no key anywhere.
     let first = open(key.clone()).await;
     let value = first.split_once('=').unwrap().1.to_string();
     assert!(!value.contains(&key[3..]) && value.len() == 64, "{first}");
-    let (status, _) = api(&tg, Method::GET, &value, "/api/v2/users/me/budget", None).await;
-    assert_eq!(status, 401, "a session id is not an API key");
+    let (as_key, _) = api(&tg, Method::GET, &value, "/api/v2/users/me/budget", None).await;
+    assert_eq!(as_key, 401, "a session id is not an API key");
     let stored: Vec<String> = tg
         .column("SELECT id_hash FROM dashboard_sessions", &[])
         .await;
@@ -1168,69 +1181,39 @@ async fn a_dashboard_cookie_is_a_session_that_sign_out_revocation_and_deletion_e
 
     // Two sessions, each with its own CSRF token.
     let second = open(key.clone()).await;
-    let (status, page) = dashboard_get(&tg, &first, "/dashboard").await;
-    assert_eq!(status, 200);
+    let (_, page) = dashboard_get(&tg, &first, "/dashboard").await;
     let first_csrf = csrf_of(&page);
     let (_, page) = dashboard_get(&tg, &second, "/dashboard").await;
-    let second_csrf = csrf_of(&page);
-    assert_ne!(first_csrf, second_csrf);
-    let crossed = dashboard_post(
-        &tg,
-        &second,
-        "/dashboard/sign-out",
-        &[("csrf", &first_csrf)],
-    )
-    .await;
+    assert_ne!(first_csrf, csrf_of(&page));
+    let sign_out = |cookie: String, csrf: String| {
+        let tg = &tg;
+        async move {
+            dashboard_post(tg, &cookie, "/dashboard/sign-out", &[("csrf", &csrf)])
+                .await
+                .status()
+        }
+    };
+    let crossed = sign_out(second.clone(), first_csrf.clone()).await;
     assert_eq!(crossed, 403, "a token of another session is refused");
 
     // Signing out ends the session on the server: the copied cookie is refused.
-    let out = dashboard_post(&tg, &first, "/dashboard/sign-out", &[("csrf", &first_csrf)]).await;
-    assert_eq!(out, 303);
-    assert_eq!(
-        dashboard_get(&tg, &first, "/dashboard").await.0,
-        303,
-        "replayed after sign-out"
-    );
-    assert_eq!(
-        dashboard_get(&tg, &second, "/dashboard").await.0,
-        200,
-        "the other session lives"
-    );
+    assert_eq!(sign_out(first.clone(), first_csrf).await, 303);
+    assert_eq!(status(first).await, 303, "replayed after sign-out");
+    assert_eq!(status(second.clone()).await, 200, "the other session lives");
 
-    // Revoking the key a session was opened with ends it at once (no cache in between).
-    let (status, _) = api(
-        &tg,
-        Method::DELETE,
-        &root,
-        &format!("/api/v2/users/{uid}/keys/{key_id}"),
-        None,
-    )
-    .await;
-    assert!((200..300).contains(&status), "{status}");
-    assert_eq!(
-        dashboard_get(&tg, &second, "/dashboard").await.0,
-        303,
-        "its key was revoked"
-    );
-
-    // Deleting the user ends the sessions of every key of theirs.
-    let (key, _) = new_key("desk").await;
+    // Revoking the key a session was opened with ends it at once (no cache in between), and
+    // deleting the user ends the sessions of every key of theirs.
+    let keys = format!("/api/v2/users/{uid}/keys/{key_id}");
+    ends_after_delete(keys, second, "its key was revoked").await;
+    let (key, _) = api_key(&tg, &root, &uid, "desk").await;
     let third = open(key).await;
-    assert_eq!(dashboard_get(&tg, &third, "/dashboard").await.0, 200);
-    let (status, _) = api(
-        &tg,
-        Method::DELETE,
-        &root,
-        &format!("/api/v2/users/{uid}"),
-        None,
+    assert_eq!(status(third.clone()).await, 200);
+    ends_after_delete(
+        format!("/api/v2/users/{uid}"),
+        third,
+        "its user was deleted",
     )
     .await;
-    assert!((200..300).contains(&status), "{status}");
-    assert_eq!(
-        dashboard_get(&tg, &third, "/dashboard").await.0,
-        303,
-        "its user was deleted"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1274,29 +1257,10 @@ async fn a_revoked_key_stops_working_inside_an_open_tunnel() {
     let upstream = provider_upstream().await;
     let (tg, _) = with_proxy(&upstream, "").await;
     let root = tg.admin_key("root");
-    let user = api_ok(
-        &tg,
-        Method::POST,
-        &root,
-        "/api/v2/users",
-        Some(&json!({"username": "alice"})),
-    )
-    .await;
-    let uid = user["id"].as_str().unwrap();
-    let created = api_ok(
-        &tg,
-        Method::POST,
-        &root,
-        &format!("/api/v2/users/{uid}/keys"),
-        Some(&json!({"name": "laptop"})),
-    )
-    .await;
-    let (key, key_id) = (
-        created["secret"].as_str().unwrap(),
-        created["id"].as_str().unwrap(),
-    );
+    let uid = api_user(&tg, &root, "alice").await;
+    let (key, key_id) = api_key(&tg, &root, &uid, "laptop").await;
 
-    let (tcp, head) = connect(&tg.proxy_addr(), "api.openai.com:443", Some(key)).await;
+    let (tcp, head) = connect(&tg.proxy_addr(), "api.openai.com:443", Some(&key)).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut tunnel = tls_client(&der_of(&tg.proxy_ca_pem()))
         .connect(

@@ -739,7 +739,7 @@ mod tests {
     #[tokio::test]
     async fn the_sqlite_files_are_the_owners_alone_and_an_open_one_is_refused() {
         use std::os::unix::fs::PermissionsExt;
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &Path| crate::private_files::mode(p).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("data/t.db");
         let url = format!("sqlite://{}", db.display());

@@ -190,11 +190,8 @@ fn count_lines(path: &Path) -> u64 {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+    use crate::private_files::mode;
     use std::os::unix::fs::PermissionsExt;
-
-    fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
 
     #[test]
     fn spill_files_are_the_owners_alone() {
@@ -202,13 +199,13 @@ mod tests {
         let dir = root.path().join("spill");
         let mut spill = Spill::open(&dir, 1 << 20).unwrap();
         spill.append(&[]).unwrap();
-        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir).unwrap(), 0o700);
         let (file, _) = spill.files.back().unwrap().clone();
-        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&file).unwrap(), 0o600);
 
         // A file an older version left readable is tightened when the spill is opened again.
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         Spill::open(&dir, 1 << 20).unwrap();
-        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&file).unwrap(), 0o600);
     }
 }

@@ -242,7 +242,7 @@ fn describe() {
     );
     describe_counter!(
         metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
-        "Connections closed because a request head was begun but not finished within server.client_header_timeout_ms (gateway, proxy, admin)."
+        "Connections closed because a request head was begun but not finished within server.client_header_timeout_ms (gateway listener, proxy port and tunnels; the admin listener closes them without counting)."
     );
     describe_counter!(
         metric::REQUEST_HEADS_TOO_LARGE_TOTAL,

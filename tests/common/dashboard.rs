@@ -42,8 +42,13 @@ pub async fn dashboard_get(tg: &Tollgate, cookie: &str, path: &str) -> (u16, Str
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
-/// POST a form to `path` on the admin listener with `cookie`: the status.
-pub async fn dashboard_post(tg: &Tollgate, cookie: &str, path: &str, form: &[(&str, &str)]) -> u16 {
+/// POST a form to `path` on the admin listener with `cookie`.
+pub async fn dashboard_post(
+    tg: &Tollgate,
+    cookie: &str,
+    path: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
     browser()
         .post(format!("{}{path}", tg.admin))
         .header("cookie", cookie)
@@ -51,8 +56,6 @@ pub async fn dashboard_post(tg: &Tollgate, cookie: &str, path: &str, form: &[(&s
         .send()
         .await
         .unwrap()
-        .status()
-        .as_u16()
 }
 
 /// The CSRF token in a page's forms.
