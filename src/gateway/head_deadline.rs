@@ -16,6 +16,7 @@
 //! per-read timeout), the proxy's CONNECT head (`crate::proxy`, its own cap and timeout).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -27,12 +28,15 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// What the listener loop and its connection's [`HeadGuardStream`] share: whether a head is
 /// being read, and how far it has got.
 #[derive(Debug, Default)]
-pub struct HeadWatch(Mutex<HeadProgress>);
+pub struct HeadWatch {
+    /// Between [`HeadWatch::expect_head`] and the head's blank line. Apart from the progress
+    /// so that body reads, which only look at it, take no lock.
+    reading: AtomicBool,
+    progress: Mutex<HeadProgress>,
+}
 
 #[derive(Debug, Default)]
 struct HeadProgress {
-    /// Between [`HeadWatch::expect_head`] and the head's blank line.
-    reading: bool,
     /// Bytes of the current head so far.
     bytes: usize,
     /// The last bytes read, so a blank line split across reads is found.
@@ -45,32 +49,35 @@ struct HeadProgress {
 impl HeadWatch {
     /// The listener is about to read a head: count from zero.
     pub fn expect_head(&self) {
-        *self.0.lock() = HeadProgress {
-            reading: true,
-            ..HeadProgress::default()
-        };
+        *self.progress.lock() = HeadProgress::default();
+        self.reading.store(true, Ordering::Release);
     }
 
     /// Bytes of the head being read (0: the client has sent nothing since the last one).
     pub fn bytes_read(&self) -> usize {
-        self.0.lock().bytes
+        self.progress.lock().bytes
     }
 
     /// Whether the head being read went past the cap.
     pub fn too_large(&self) -> bool {
-        self.0.lock().too_large
+        self.progress.lock().too_large
     }
 
-    /// No head is being read any more (the connection is being closed): reads pass through.
+    /// No head is being read any more (it is complete, or the connection is being closed):
+    /// reads pass through.
     pub fn stop(&self) {
-        self.0.lock().reading = false;
+        self.reading.store(false, Ordering::Release);
+    }
+
+    fn reading(&self) -> bool {
+        self.reading.load(Ordering::Acquire)
     }
 }
 
 impl HeadProgress {
-    /// Takes `bytes` just read as part of the head; returns how many of them belong to it
-    /// (all, or up to and including the blank line that ends it).
-    fn take(&mut self, bytes: &[u8]) -> usize {
+    /// Takes `bytes` just read as part of the head; true when they include the blank line
+    /// that ends it (what follows is not counted).
+    fn take(&mut self, bytes: &[u8]) -> bool {
         for (i, &b) in bytes.iter().enumerate() {
             self.seen_text |= !b.is_ascii_whitespace();
             // A line feed ending an empty line: after a line feed, or after one and a carriage
@@ -78,13 +85,12 @@ impl HeadProgress {
             let ends = b == b'\n' && (self.tail[2] == b'\n' || self.tail[1..] == *b"\n\r");
             self.tail = [self.tail[1], self.tail[2], b];
             if ends && self.seen_text {
-                self.reading = false;
                 self.bytes += i + 1;
-                return i + 1;
+                return true;
             }
         }
         self.bytes += bytes.len();
-        bytes.len()
+        false
     }
 }
 
@@ -119,13 +125,13 @@ impl AsyncRead for HeadGuardStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let (reading, bytes, over) = {
-            let p = self.watch.0.lock();
-            (p.reading, p.bytes, p.too_large)
-        };
-        if !reading {
+        if !self.watch.reading() {
             return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
+        let (bytes, over) = {
+            let p = self.watch.progress.lock();
+            (p.bytes, p.too_large)
+        };
         if over || bytes >= self.max_bytes {
             return Poll::Ready(Err(too_large(self.max_bytes)));
         }
@@ -147,9 +153,11 @@ impl AsyncRead for HeadGuardStream {
             return polled;
         }
         let read = &buf.filled()[before..];
-        let mut progress = self.watch.0.lock();
-        progress.take(read);
-        if progress.reading && progress.bytes >= self.max_bytes {
+        let mut progress = self.watch.progress.lock();
+        if progress.take(read) {
+            drop(progress);
+            self.watch.stop();
+        } else if progress.bytes >= self.max_bytes {
             progress.too_large = true;
             return Poll::Ready(Err(too_large(self.max_bytes)));
         }
