@@ -151,6 +151,7 @@ async fn seed() -> Seeded {
                 ttfb_ms: Some(rng.gen_range(100..2_000)),
                 response_id: Some(format!("msg_{id}")),
                 usage,
+                usage_source: Default::default(),
                 prompt: (!threaded).then(|| format!("Please look at issue {s}/{n} and fix it.")),
                 tool_calls: if rng.gen_range(0..3) == 0 {
                     vec![ToolCall {

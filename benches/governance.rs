@@ -12,8 +12,8 @@ use chrono::Utc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate::auth::KeyCache;
 use tollgate::config::Config;
-use tollgate::governance::Governance;
-use tollgate::money::NanoUsd;
+use tollgate::governance::{CostRequest, Governance};
+use tollgate::providers::{InputShape, TokenUsage};
 use tollgate::store::{hash_key, Principal};
 use uuid::Uuid;
 
@@ -40,6 +40,15 @@ fn decision(c: &mut Criterion) {
         keys.insert(hash_key(secret), Some(principal));
     }
     let mut next = 0usize;
+    let input = InputShape::default();
+    // The Anthropic fixture's usage (14_205_000 nano-USD).
+    let usage = TokenUsage {
+        input: 420,
+        output: 233,
+        cache_read: 9000,
+        cache_write: 1800,
+        reasoning: 0,
+    };
 
     c.bench_function("governance_decision", |b| {
         b.iter(|| {
@@ -52,16 +61,18 @@ fn decision(c: &mut Criterion) {
             let permit = governance
                 .check_rate(p.user_id)
                 .expect("under the rate limit");
+            let request = CostRequest {
+                model: black_box("claude-sonnet-4-5-20250929"),
+                price_family: Some("anthropic"),
+                body_bytes: 4_000,
+                max_output_tokens: Some(1024),
+                choices: None,
+                input: &input,
+            };
             let admission = governance
-                .admit(
-                    &p,
-                    black_box("claude-sonnet-4-5-20250929"),
-                    4_000,
-                    Some(1024),
-                    Utc::now(),
-                )
+                .admit(&p, &request, Utc::now())
                 .expect("within budget");
-            governance.settle(admission, NanoUsd(14_205_000));
+            governance.settle(admission, &usage, None);
             drop(black_box(permit));
         })
     });

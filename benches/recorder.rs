@@ -67,6 +67,7 @@ fn records(n: usize, users: &[Uuid]) -> Vec<InterceptionRecord> {
                 ttfb_ms: Some(350),
                 response_id: Some(format!("msg_{id}")),
                 usage,
+                usage_source: Default::default(),
                 prompt: (i % 4 != 0).then(|| format!("Please fix issue {i} in src/lib.rs.")),
                 tool_calls: if i % 3 == 0 {
                     vec![ToolCall {
@@ -115,6 +116,8 @@ async fn run(name: &str, store: Store, n: usize) -> f64 {
         spill_dir: std::env::temp_dir().join("tollgate-bench-spill"),
         spill_max_bytes: 0,
         spill_after: std::time::Duration::from_secs(2),
+        journal_dir: None,
+        journal_sync: std::time::Duration::from_millis(10),
     };
     let started = Instant::now();
     let (recorder, handle) = Recorder::start(store.clone(), config);
@@ -194,6 +197,7 @@ async fn shared_admission(store: &Store) {
                 period,
                 NanoUsd(1_000_000_000_000),
                 NanoUsd(15_000_000),
+                false,
                 replica,
                 std::time::Duration::from_secs(30),
             )

@@ -105,6 +105,46 @@ HEADS = [
 for i, head in enumerate(HEADS):
     write("proxy_head", f"{i}", bytes([i * 37 % 256]) + head)
 
+
+
+def openssl_hello(name, tls12_only=False):
+    """The ClientHello Python's ssl module (OpenSSL) writes for `name` (None: no SNI)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if tls12_only:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        conn.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def reframe(record, size):
+    """The same handshake message in TLS records of `size` bytes each."""
+    message, out = record[5:], b""
+    for i in range(0, len(message), size):
+        piece = message[i:i + size]
+        out += b"\x16\x03\x01" + len(piece).to_bytes(2, "big") + piece
+    return out
+
+
+HELLOS = [
+    openssl_hello("api.openai.com"),
+    openssl_hello("API.Anthropic.com."),
+    openssl_hello(None),
+    openssl_hello("example.com", tls12_only=True),
+]
+HELLOS += [reframe(HELLOS[0], 64), reframe(HELLOS[1], 7)]
+HELLOS += [HELLOS[0] + b"\x14\x03\x03\x00\x01\x01", b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x00"]
+for i, hello in enumerate(HELLOS):
+    write("client_hello", f"{i}", bytes([i * 53 % 256]) + hello)
+write("client_hello", "name", bytes([1]) + b"API.OpenAI.COM.")
+
 QUERIES = [
     'initiator:me provider:openai model:gpt-4o client:"Claude Code" session_id:s1',
     "started_after:2025-01-01T00:00:00Z started_before:2025-02-01T00:00:00+01:00",

@@ -335,6 +335,11 @@ pub struct RecorderConfig {
     /// 0 = never spill (hold in memory, drop when the queue is full).
     pub spill_max_bytes: u64,
     pub spill_after: Duration,
+    /// The spend journal's directory (`store::SpendJournal`); `None` (an empty string) turns it
+    /// off, and a hard kill then loses the spend of records still queued.
+    pub journal_dir: Option<PathBuf>,
+    /// How often the journal is `fdatasync`ed: what a machine crash can lose.
+    pub journal_sync: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -608,6 +613,8 @@ impl<'p> Reader<'p> {
             let spill_dir = self.string(&t, "recorder", "spill_dir", "data/spill");
             let spill_max_bytes = self.int(&t, "recorder", "spill_max_bytes", 1 << 30, 0, i64::MAX);
             let spill_after = self.int(&t, "recorder", "spill_after_ms", 2_000, 0, 600_000);
+            let journal_dir = self.string(&t, "recorder", "journal_dir", "data/journal");
+            let journal_sync = self.int(&t, "recorder", "journal_sync_ms", 10, 1, 1_000);
             self.unknown_keys(
                 &t,
                 "recorder",
@@ -617,6 +624,8 @@ impl<'p> Reader<'p> {
                     "spill_dir",
                     "spill_max_bytes",
                     "spill_after_ms",
+                    "journal_dir",
+                    "journal_sync_ms",
                 ],
             );
             RecorderConfig {
@@ -625,6 +634,8 @@ impl<'p> Reader<'p> {
                 spill_dir: spill_dir.into(),
                 spill_max_bytes: spill_max_bytes as u64,
                 spill_after: Duration::from_millis(spill_after as u64),
+                journal_dir: (!journal_dir.is_empty()).then(|| journal_dir.into()),
+                journal_sync: Duration::from_millis(journal_sync as u64),
             }
         };
         let auth = {

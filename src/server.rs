@@ -26,7 +26,7 @@ use crate::front_door::{ConnectionLimiter, HeadLimits};
 use crate::gateway::{Gateway, GatewayListener, GatewayState};
 use crate::governance::keyvault::KeyVault;
 use crate::proxy::ForwardProxy;
-use crate::store::{Recorder, Store};
+use crate::store::{Recorder, SpendJournal, Store};
 use crate::{api, telemetry};
 
 /// Runs every configured listener until SIGTERM (graceful) or SIGINT (fast), then drains the
@@ -49,10 +49,22 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let store = background
         .block_on(open_store(&config))
         .with_context(|| format!("database {}", redact_url(&config.database.url)))?;
+    // Spend an unclean stop left in the journal is restored before budgets are loaded.
+    let journal = match &config.recorder.journal_dir {
+        Some(dir) => Some(Arc::new(open_journal(&background, dir, &store)?)),
+        None => None,
+    };
     let (recorder, recorder_handle) = {
         let _guard = background.enter();
         Recorder::start(store.clone(), config.recorder.clone())
     };
+    if let Some(journal) = &journal {
+        // A record is submitted at most two client writes after it was settled.
+        let slack = config.server.client_write_timeout * 2 + std::time::Duration::from_secs(10);
+        journal
+            .start_upkeep(config.recorder.journal_sync, slack, recorder.progress())
+            .context("cannot start the spend journal's thread")?;
+    }
     let vault = if config.keys.allow_user_api_key {
         let secret = std::env::var("TOLLGATE_SECRET_KEY").ok();
         Some(
@@ -67,6 +79,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         store,
         background.handle().clone(),
         recorder,
+        journal,
         vault,
         |name| std::env::var(name).ok(),
     ));
@@ -344,6 +357,26 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Opens the spend journal, restoring what an unclean stop left in it.
+fn open_journal(
+    background: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    store: &Store,
+) -> anyhow::Result<SpendJournal> {
+    let (journal, recovery) = background
+        .block_on(SpendJournal::open(dir, store))
+        .with_context(|| format!("recorder.journal_dir {}", dir.display()))?;
+    if recovery.records > 0 || recovery.unreadable > 0 {
+        tracing::warn!(
+            records = recovery.records,
+            unreadable = recovery.unreadable,
+            dir = %dir.display(),
+            "spend journal: interceptions of an unclean stop restored"
+        );
+    }
+    Ok(journal)
 }
 
 #[cfg(test)]

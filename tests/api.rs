@@ -298,6 +298,7 @@ async fn members_see_only_their_own_and_every_filter_works() {
                "cache_write_input_tokens": 1800, "reasoning_tokens": 0})
     );
     assert_eq!(claude["cost_usd"], "0.014205");
+    assert_eq!(claude["usage_source"], "reported");
     assert_eq!(claude["cost_nano_usd"], 14_205_000);
     assert_eq!(claude["user_prompts"][0]["prompt"], "Fix the flaky test.");
     assert_eq!(
@@ -364,15 +365,23 @@ async fn members_see_only_their_own_and_every_filter_works() {
     )
     .await;
     assert_error(&r, 403, "another user's interception");
-    let r = get(&tg, &alice, "/api/v2/aibridge/sessions/bob-s1").await;
+    let r = get(
+        &tg,
+        &alice,
+        &format!("/api/v2/aibridge/sessions/{bob_id}:bob-s1"),
+    )
+    .await;
     assert_error(&r, 403, "another user's session");
+    // The client's session id alone names no session: sessions are per user (issue 14).
+    let r = get(&tg, &alice, "/api/v2/aibridge/sessions/bob-s1").await;
+    assert_error(&r, 404, "a bare client session id");
     let own = get_ok(
         &tg,
         &alice,
         &format!("/api/v2/aibridge/interceptions/{a_mini}"),
     )
     .await;
-    assert_eq!(own["session_id"], "alice-s1");
+    assert_eq!(own["session_id"], format!("{alice_id}:alice-s1"));
     assert_eq!(own["client_session_id"], "alice-s1");
     let sessions = get_ok(&tg, &alice, "/api/v2/aibridge/sessions").await;
     assert_eq!(sessions["count"], 3);
@@ -412,7 +421,7 @@ async fn members_see_only_their_own_and_every_filter_works() {
             vec![&b_resp, &a_claude, &a_mini, &a_chat],
         ),
         ("client:\"Claude Code\"".into(), vec![]),
-        ("session_id:alice-s1".into(), vec![&a_mini]),
+        (format!("session_id:{alice_id}:alice-s1"), vec![&a_mini]),
         (format!("session_id:{a_chat}"), vec![&a_chat]),
         (format!("started_after:{between_q}"), vec![&b_resp]),
         (
@@ -623,12 +632,14 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     pause().await;
     let lone = chat(&tg, &alice, "gpt-4o-2024-08-06", "alone", None).await;
     tg.wait_until_recorded(5).await;
+    // A client's session id names a session of that user (issue 14).
+    let work_1 = format!("{}:work-1", user_id(&tg, "alice").await);
 
     let list = get_ok(&tg, &alice, "/api/v2/aibridge/sessions").await;
     assert_eq!(list["count"], 3);
     assert_eq!(
         session_ids(&list),
-        vec![lone.clone(), root_call.clone(), "work-1".to_string()],
+        vec![lone.clone(), root_call.clone(), work_1.clone()],
         "newest activity first"
     );
     let by_id = |id: &str| -> Value {
@@ -642,7 +653,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     };
 
     // A client session id groups calls that are not otherwise related.
-    let work = by_id("work-1");
+    let work = by_id(&work_1);
     assert_eq!(work["interception_count"], 2);
     assert_eq!(work["threads"], 2);
     assert_eq!(work["models"], json!(["gpt-4o-2024-08-06", "gpt-4o-mini"]));
@@ -654,8 +665,8 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_eq!(work["token_usage_summary"]["cache_read_input_tokens"], 2048);
     let cost: i64 = tg
         .scalar(
-            "SELECT CAST(SUM(cost_nano_usd) AS BIGINT) FROM interceptions WHERE session_key = 'work-1'",
-            &[],
+            "SELECT CAST(SUM(cost_nano_usd) AS BIGINT) FROM interceptions WHERE session_key = ?",
+            &[&work_1],
         )
         .await;
     assert_eq!(work["cost_nano_usd"], cost);
@@ -702,7 +713,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
     assert_eq!(threads[0]["token_usage"]["cache_write_input_tokens"], 3600);
 
     // The client session's detail: two threads of one call each, oldest first.
-    let detail = get_ok(&tg, &alice, "/api/v2/aibridge/sessions/work-1").await;
+    let detail = get_ok(&tg, &alice, &format!("/api/v2/aibridge/sessions/{work_1}")).await;
     let threads = detail["threads"].as_array().unwrap();
     assert_eq!(threads.len(), 2);
     assert_eq!(threads[0]["interceptions"][0]["id"], w1.as_str());
@@ -727,7 +738,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
         "/api/v2/aibridge/sessions?q=model%3Agpt-4o-mini",
     )
     .await;
-    assert_eq!(session_ids(&r), vec!["work-1".to_string()]);
+    assert_eq!(session_ids(&r), vec![work_1.clone()]);
     assert_eq!(r["sessions"][0]["interception_count"], 1);
     assert_eq!(r["sessions"][0]["last_prompt"], "second");
     let r = get_ok(
@@ -745,7 +756,7 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
             &[],
         )
         .await;
-    let mut expected = vec![lone, root_call, "work-1".to_string()];
+    let mut expected = vec![lone, root_call, work_1];
     expected.sort();
     assert_eq!(keys, expected);
     let r = get(&tg, &alice, "/api/v2/aibridge/sessions/no-such-session").await;
@@ -2306,4 +2317,82 @@ async fn retention_on_postgres_deletes_the_old_interceptions_and_their_children(
         0
     );
     db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_users_session_id_or_tool_call_id_joins_nothing_of_theirs() {
+    let upstream = upstream().await;
+    let tg = start(&upstream, "").await;
+    let root = tg.admin_key("root");
+    let alice = tg.user_key("alice");
+    let bob = tg.user_key("bob");
+    // Bob works in his session and makes a tool call.
+    chat(
+        &tg,
+        &bob,
+        "gpt-4o-mini",
+        "bob's real question",
+        Some("bob-work"),
+    )
+    .await;
+    let bob_call = messages(&tg, &bob, "bob fixes a test").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Alice reuses his session id and answers his tool-call id.
+    let alice_chat = chat(
+        &tg,
+        &alice,
+        "gpt-4o-mini",
+        "alice was here",
+        Some("bob-work"),
+    )
+    .await;
+    let alice_followup = tool_result_followup(&tg, &alice).await;
+    tg.wait_until_recorded(4).await;
+    let (alice_id, bob_id) = (user_id(&tg, "alice").await, user_id(&tg, "bob").await);
+
+    // Her tool result does not join bob's thread (before: it did, as his thread's child).
+    let followup = get_ok(
+        &tg,
+        &root,
+        &format!("/api/v2/aibridge/interceptions/{alice_followup}"),
+    )
+    .await;
+    assert!(followup["thread_parent_id"].is_null(), "{followup}");
+    assert!(followup["thread_root_id"].is_null(), "{followup}");
+    // Bob's sessions, as an admin lists them: bob is their only initiator and his prompt is
+    // the last (before: his "bob-work" showed alice's prompt).
+    let listed = get_ok(&tg, &root, "/api/v2/aibridge/sessions?q=initiator%3Abob").await;
+    for session in listed["sessions"].as_array().unwrap() {
+        assert_eq!(session["initiator"]["username"], "bob", "{session}");
+        assert_ne!(session["last_prompt"], "alice was here", "{session}");
+        assert_eq!(session["interception_count"], 1, "{session}");
+    }
+
+    // Bob's session, as an admin sees it: bob's call only, his prompt last.
+    let bobs = get_ok(
+        &tg,
+        &root,
+        &format!("/api/v2/aibridge/sessions/{bob_id}:bob-work"),
+    )
+    .await;
+    assert_eq!(bobs["interception_count"], 1, "{bobs}");
+    assert_eq!(bobs["initiator"]["username"], "bob");
+    assert_eq!(bobs["last_prompt"], "bob's real question");
+    // Alice's reuse is a session of hers.
+    let hers = get_ok(
+        &tg,
+        &root,
+        &format!("/api/v2/aibridge/sessions/{alice_id}:bob-work"),
+    )
+    .await;
+    assert_eq!(hers["initiator"]["username"], "alice");
+    assert_eq!(
+        hers["threads"][0]["interceptions"][0]["id"],
+        alice_chat.as_str()
+    );
+    let bobs_thread = get_ok(&tg, &root, &format!("/api/v2/aibridge/sessions/{bob_call}")).await;
+    assert_eq!(bobs_thread["interception_count"], 1, "{bobs_thread}");
+    // And bob sees nothing of hers in his list.
+    let list = get_ok(&tg, &bob, "/api/v2/aibridge/sessions").await;
+    assert!(!list.to_string().contains("alice was here"), "{list}");
 }

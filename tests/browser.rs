@@ -294,6 +294,24 @@ async fn the_dashboard_in_a_headless_browser() {
     }
     assert_eq!(chat(&tg, &bob, "sess-bob").await, 200);
     tg.wait_until_recorded(4).await;
+    // Sessions are per user: a client session id names `{user id}:{id}` (issue 14).
+    let session_of = |id: String, client: &str| format!("{id}:{client}");
+    let sess_alice = session_of(
+        tg.scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = 'alice'",
+            &[],
+        )
+        .await,
+        "sess-alice",
+    );
+    let sess_bob = session_of(
+        tg.scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = 'bob'",
+            &[],
+        )
+        .await,
+        "sess-bob",
+    );
 
     let b = Browser::start().await;
     let site = &tg.admin;
@@ -346,9 +364,16 @@ async fn the_dashboard_in_a_headless_browser() {
     b.click("nav a[href='/dashboard/sessions']").await;
     b.wait_url(|u| u.ends_with("/dashboard/sessions")).await;
     b.screenshot("04-sessions").await;
-    b.click("a[href='/dashboard/sessions/sess-alice']").await;
-    b.wait_url(|u| u.ends_with("/sessions/sess-alice")).await;
-    let detail = api(&tg, &admin, "/api/v2/aibridge/sessions/sess-alice").await;
+    b.click(&format!("a[href='/dashboard/sessions/{sess_alice}']"))
+        .await;
+    b.wait_url(|u| u.ends_with(&format!("/sessions/{sess_alice}")))
+        .await;
+    let detail = api(
+        &tg,
+        &admin,
+        &format!("/api/v2/aibridge/sessions/{sess_alice}"),
+    )
+    .await;
     assert_eq!(
         b.text("#session-cost").await,
         format!("${}", detail["cost_usd"].as_str().unwrap())
@@ -415,9 +440,10 @@ async fn the_dashboard_in_a_headless_browser() {
     b.wait_url(|u| u.ends_with("/dashboard")).await;
     assert!(b.text("header .who").await.starts_with("bob"));
     b.screenshot("09-member-overview").await;
-    b.go(&format!("{site}/dashboard/sessions/sess-alice")).await;
+    b.go(&format!("{site}/dashboard/sessions/{sess_alice}"))
+        .await;
     assert_eq!(b.text("main h1").await, "Forbidden");
     b.screenshot("10-member-forbidden").await;
-    b.go(&format!("{site}/dashboard/sessions/sess-bob")).await;
+    b.go(&format!("{site}/dashboard/sessions/{sess_bob}")).await;
     assert!(b.text("main h1").await.contains("sess-bob"));
 }

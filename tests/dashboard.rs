@@ -123,6 +123,18 @@ fn row<'a>(html: &'a str, marker: &str) -> &'a str {
     &html[start..end]
 }
 
+/// The session a user's client session id names: `{user id}:{client session id}` (sessions
+/// are per user).
+async fn session_of(tg: &Tollgate, username: &str, client_session: &str) -> String {
+    let id: String = tg
+        .scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = ?",
+            &[username],
+        )
+        .await;
+    format!("{id}:{client_session}")
+}
+
 /// Two members with calls in two sessions, an admin with none, a seat limit of 2 (so the two
 /// seat holders are at 100 %: the warning).
 async fn seeded() -> (MockUpstream, Tollgate, String, String, String) {
@@ -336,21 +348,30 @@ async fn pages_render_seeded_data_with_the_apis_numbers() {
     }
 
     // Sessions list and one session: the API's cost, each step, the prompt escaped.
+    let (sess_alice, sess_bob) = (
+        session_of(&tg, "alice", "sess-alice").await,
+        session_of(&tg, "bob", "sess-bob").await,
+    );
     let sessions = page_ok(&tg, &cookie, "/dashboard/sessions").await;
-    assert!(sessions.contains("href=\"/dashboard/sessions/sess-alice\""));
-    assert!(sessions.contains("href=\"/dashboard/sessions/sess-bob\""));
+    assert!(sessions.contains(&format!("href=\"/dashboard/sessions/{sess_alice}\"")));
+    assert!(sessions.contains(&format!("href=\"/dashboard/sessions/{sess_bob}\"")));
     // The filter box passes the API's `q` through: only alice's session is left.
     let filtered = page_ok(&tg, &cookie, "/dashboard/sessions?q=initiator%3Aalice").await;
-    assert!(filtered.contains("href=\"/dashboard/sessions/sess-alice\""));
-    assert!(!filtered.contains("href=\"/dashboard/sessions/sess-bob\""));
+    assert!(filtered.contains(&format!("href=\"/dashboard/sessions/{sess_alice}\"")));
+    assert!(!filtered.contains(&format!("href=\"/dashboard/sessions/{sess_bob}\"")));
     assert!(filtered.contains("value=\"initiator:alice\""), "{filtered}");
     let bad = page(&tg, &cookie, "/dashboard/sessions?q=planet%3Amars").await;
     assert_eq!(
         bad.status, 400,
         "an unknown filter key is explained, not a 500"
     );
-    let detail = api(&tg, &admin, "/api/v2/aibridge/sessions/sess-alice").await;
-    let session = page_ok(&tg, &cookie, "/dashboard/sessions/sess-alice").await;
+    let detail = api(
+        &tg,
+        &admin,
+        &format!("/api/v2/aibridge/sessions/{sess_alice}"),
+    )
+    .await;
+    let session = page_ok(&tg, &cookie, &format!("/dashboard/sessions/{sess_alice}")).await;
     assert!(session.contains(&format!(
         "id=\"session-cost\">${}<",
         detail["cost_usd"].as_str().unwrap()
@@ -428,11 +449,15 @@ async fn members_see_only_their_own_records() {
         mine["spent_usd"].as_str().unwrap()
     )));
 
+    let (sess_alice, sess_bob) = (
+        session_of(&tg, "alice", "sess-alice").await,
+        session_of(&tg, "bob", "sess-bob").await,
+    );
     let sessions = page_ok(&tg, &cookie, "/dashboard/sessions").await;
     assert!(sessions.contains("sess-bob"));
     assert!(!sessions.contains("sess-alice"), "{sessions}");
     assert_eq!(
-        page(&tg, &cookie, "/dashboard/sessions/sess-alice")
+        page(&tg, &cookie, &format!("/dashboard/sessions/{sess_alice}"))
             .await
             .status,
         403
@@ -443,9 +468,11 @@ async fn members_see_only_their_own_records() {
             .status,
         404
     );
-    assert!(page_ok(&tg, &cookie, "/dashboard/sessions/sess-bob")
-        .await
-        .contains("hello"));
+    assert!(
+        page_ok(&tg, &cookie, &format!("/dashboard/sessions/{sess_bob}"))
+            .await
+            .contains("hello")
+    );
     for admin_only in [
         "/dashboard/users",
         "/dashboard/budgets",

@@ -93,6 +93,7 @@ async fn seed(path: &std::path::Path) {
                 ttfb_ms: Some(200),
                 response_id: None,
                 usage,
+                usage_source: Default::default(),
                 prompt: Some(format!("Please fix issue {s}/{n}.")),
                 tool_calls: if n % 2 == 0 {
                     vec![ToolCall {

@@ -82,6 +82,7 @@ macro_rules! interception_json {
             "reasoning": r.get::<i64, _>("reasoning_tokens"),
             "cost_nano_usd": r.get::<i64, _>("cost_nano_usd"),
             "priced": r.get::<bool, _>("priced"),
+            "usage_source": r.get::<String, _>("usage_source"),
             "user_id": r.get::<String, _>("user_id"),
             "api_key_id": r.get::<Option<String>, _>("api_key_id"),
             "started_at": r.get::<i64, _>("started_at"),
@@ -114,7 +115,7 @@ async fn interception(tg: &Tollgate, id: &str) -> Value {
          session_key, client_session_id, thread_parent_id::text AS thread_parent_id, \
          thread_root_id::text AS thread_root_id, credential_kind, credential_hint, response_id, \
          input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, \
-         reasoning_tokens, cost_nano_usd, priced, user_id::text AS user_id, \
+         reasoning_tokens, cost_nano_usd, priced, usage_source, user_id::text AS user_id, \
          api_key_id::text AS api_key_id, \
          (extract(epoch FROM started_at) * 1000)::bigint AS started_at, \
          (extract(epoch FROM ended_at) * 1000)::bigint AS ended_at, error \
@@ -573,6 +574,8 @@ async fn client_abort_mid_stream_is_recorded_with_partial_usage() {
     assert_eq!(row["cache_write"], 1800);
     assert!(row["output"].as_i64().unwrap() < 233);
     assert!(row["cost_nano_usd"].as_i64().unwrap() > 0);
+    // The input counts were reported; the output (never reported) is estimated.
+    assert_eq!(row["usage_source"], "estimated");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -987,7 +990,11 @@ async fn sessions_and_threads_are_recognised() {
         "a tool-result turn has no user prompt"
     );
     assert_eq!(c["client_session_id"], "sess-42");
-    assert_eq!(c["session_key"], "sess-42");
+    // A client's session id names a session of that user only (issue 14).
+    assert_eq!(
+        c["session_key"],
+        format!("{}:sess-42", c["user_id"].as_str().unwrap())
+    );
     assert!(upstream
         .requests()
         .iter()

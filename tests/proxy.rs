@@ -1,7 +1,8 @@
 //! The HTTPS_PROXY front door seen from outside: the real binary with its proxy listener on
 //! 127.0.0.1, clients that believe they talk to `https://api.openai.com` (reqwest with a proxy
 //! and the Tollgate CA, or raw sockets for what reqwest will not send), and the mock upstream as
-//! every provider's plain-http `base_url`. No DNS is needed: the proxy never resolves a MITM host.
+//! every provider's plain-http `base_url`. No DNS is needed: the proxy resolves MITM hosts only
+//! to recognise their addresses in tunnels, and `api.openai.com` not resolving just means none.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::mock::{fixture_bytes, fixture_manifest, MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
-use common::tunnel::{connect_tunnel, der_of, read_h1_response, tls_client, tls_client_alpn};
+use common::tunnel::{
+    connect_tunnel, der_of, read_h1_response, tls_client, tls_client_alpn, TlsEchoSite,
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
@@ -723,6 +726,202 @@ async fn tunnels_to_private_addresses_and_denied_tunnels_get_403() {
     assert!(out.contains("proxy.tunnel = \"deny\""), "{out}");
 }
 
+/// Opens a CONNECT tunnel to `target` and starts TLS inside it for `name`, trusting `roots`.
+async fn tls_through_tunnel(
+    proxy: &str,
+    target: &str,
+    key: Option<&str>,
+    name: &str,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let (tcp, head) = connect_tunnel(proxy, target, key).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT {target}: {head}");
+    let name = ServerName::try_from(name.to_string()).unwrap();
+    let connecting = tls_client(roots).connect(name, tcp);
+    tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("the TLS handshake ends, one way or the other")
+        .map_err(|e| e.to_string())
+}
+
+/// Asserts that a tunnel to `target` without credentials, with a ClientHello for `name`, reaches
+/// `site` end to end (its own certificate) and echoes.
+async fn assert_tunnelled_to(site: &TlsEchoSite, proxy: &str, target: &str, name: &str) {
+    let mut tls = tls_through_tunnel(proxy, target, None, name, &site.cert)
+        .await
+        .unwrap_or_else(|e| panic!("a ClientHello for {name} through {target}: {e}"));
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+const DENIED_CONNECTS: &str = "tollgate_proxy_connects_total{mode=\"denied\"}";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blind_tunnel_to_a_mitm_hosts_address_is_refused() {
+    // `localhost` is the MITM host, so 127.0.0.1 is a governed address; loopback is opened for
+    // tunnels, so nothing else stands between a tunnel and the site on it.
+    let site = TlsEchoSite::start(&["other.example", "127.0.0.1"]).await;
+    let port = site.port;
+    let upstream = fixture_upstream().await;
+    let open_loopback =
+        format!("allowed_private_cidrs = [\"127.0.0.0/8\"]\nallowed_ports = [443, {port}]");
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .mitm_hosts("openai", &["localhost"])
+        .proxy(&open_loopback)
+        .start()
+        .await;
+    let key = tg.user_key("alice");
+    let proxy = tg.proxy_addr();
+    let by_ip = format!("127.0.0.1:{port}");
+
+    // The address is reachable: a ClientHello that names another host in clear is tunnelled
+    // (CDN addresses serve other sites too).
+    assert_tunnelled_to(&site, &proxy, &by_ip, "other.example").await;
+    assert_eq!(site.hellos(), [Some("other.example".to_string())]);
+
+    // By IP with no SNI (rustls sends none for an IP address): refused with a TLS alert, key or
+    // no key (a key opens interception of a named MITM host, not a blind tunnel).
+    for auth in [None, Some(key.as_str())] {
+        let err = tls_through_tunnel(&proxy, &by_ip, auth, "127.0.0.1", &site.cert)
+            .await
+            .expect_err("a blind ClientHello to a MITM host's address is refused");
+        assert!(err.contains("AccessDenied"), "{err}");
+    }
+    // Not TLS at all: closed, nothing relayed.
+    let (mut tcp, head) = connect_tunnel(&proxy, &by_ip, None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "closed without an answer: {out:?}"
+    );
+    assert_eq!(
+        site.hellos().len(),
+        1,
+        "no blind ClientHello reached the site"
+    );
+    assert_eq!(metric(&tg, DENIED_CONNECTS).await, 3);
+    assert_eq!(
+        metric(&tg, "tollgate_proxy_connects_total{mode=\"tunnel\"}").await,
+        1
+    );
+    let (_, logs) = tg.stop().await;
+    let refused = logs
+        .iter()
+        .filter(|l| l.contains("proxy connect refused") && l.contains("governed_address"))
+        .count();
+    assert_eq!(refused, 3, "{}", logs.join("\n"));
+
+    // The control: where `localhost` is not a MITM host, the very same blind hello is tunnelled,
+    // so the refusal above is the governed address and nothing else.
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .mitm_hosts("openai", &["api.openai.com"])
+        .proxy(&open_loopback)
+        .start()
+        .await;
+    assert_tunnelled_to(&site, &tg.proxy_addr(), &by_ip, "127.0.0.1").await;
+    assert_eq!(site.hellos().last(), Some(&None));
+    assert_eq!(upstream.request_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_whose_client_hello_names_a_mitm_host_is_intercepted_or_refused() {
+    // The CONNECT goes to an allowed, ungoverned address (the site); only the SNI names
+    // api.openai.com.
+    let site = TlsEchoSite::start(&["other.example"]).await;
+    let port = site.port;
+    let upstream = fixture_upstream().await;
+    let (tg, key) = proxy_with(
+        &upstream,
+        &format!("allowed_private_cidrs = [\"127.0.0.1/32\"]\nallowed_ports = [443, {port}]"),
+        "",
+    )
+    .await;
+    let proxy = tg.proxy_addr();
+    let ca = der_of(&tg.proxy_ca_pem());
+    let by_ip = format!("127.0.0.1:{port}");
+
+    // The control: another SNI through the same tunnel reaches the site, no key needed.
+    assert_tunnelled_to(&site, &proxy, &by_ip, "other.example").await;
+
+    // Without a valid key as the proxy password: a TLS alert, and neither the site nor the
+    // provider sees anything.
+    let wrong = "tg_ffffffffffffffffffffffffffffffffffffffffffffffff";
+    for auth in [None, Some(wrong)] {
+        let err = tls_through_tunnel(&proxy, &by_ip, auth, "API.OpenAI.com.", &ca)
+            .await
+            .expect_err("a ClientHello for a MITM host without a key is refused");
+        assert!(err.contains("AccessDenied"), "{err}");
+    }
+    assert_eq!(site.hellos(), [Some("other.example".to_string())]);
+    assert_eq!(upstream.request_count(), 0);
+    assert_eq!(metric(&tg, DENIED_CONNECTS).await, 2);
+
+    // With the key: intercepted exactly as a CONNECT to api.openai.com would be.
+    let mut tls = tls_through_tunnel(&proxy, &by_ip, Some(&key), "api.openai.com", &ca)
+        .await
+        .expect("Tollgate's leaf for api.openai.com");
+    let body = serde_json::to_vec(&chat_request(false)).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-client-own-key-5555\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    tls.write_all(&body).await.unwrap();
+    let (status, answer) = read_h1_response(&mut tls).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer, fixture_bytes("openai-chat.json"));
+    drop(tls);
+    let sent = upstream.last_request();
+    assert_eq!(sent.path, "/v1/chat/completions");
+    assert_eq!(
+        sent.header("authorization"),
+        Some(format!("Bearer {OPENAI_CENTRAL_KEY}").as_str()),
+        "the central key went upstream"
+    );
+    assert!(sent
+        .headers
+        .iter()
+        .all(|(_, v)| !v.contains(&key) && !v.contains("client-own")));
+    tg.wait_until_recorded(1).await;
+    let id: String = tg
+        .scalar("SELECT CAST(id AS TEXT) FROM interceptions", &[])
+        .await;
+    let alice: String = tg
+        .scalar(
+            "SELECT CAST(id AS TEXT) FROM users WHERE username = 'alice'",
+            &[],
+        )
+        .await;
+    let row = interception(&tg, &id).await;
+    assert_eq!(row["provider"], "openai");
+    assert_eq!(row["status"], "completed");
+    assert_eq!(row["credential_kind"], "central");
+    assert_eq!(row["user_id"], alice.as_str());
+    assert_eq!(site.hellos().len(), 1, "the site never saw the hello");
+    assert_eq!(metric(&tg, MITM_CONNECTS).await, 1);
+    assert_eq!(metric(&tg, DENIED_CONNECTS).await, 2);
+    let (_, logs) = tg.stop().await;
+    let joined = logs.join("\n");
+    let refused = logs
+        .iter()
+        .filter(|l| l.contains("proxy connect refused") && l.contains("governed_host_by_sni"))
+        .count();
+    assert_eq!(refused, 2, "{joined}");
+    assert!(
+        !joined.contains(&key),
+        "the proxy password never appears in a log line"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn mitm_hosts_need_a_valid_key_as_the_proxy_password() {
     let upstream = fixture_upstream().await;
@@ -1142,4 +1341,151 @@ fn the_proxy_refuses_to_start_without_a_usable_ca() {
         out.contains("proxy.tls_cert / proxy.tls_key: cannot read certs/nope.pem"),
         "{out}"
     );
+}
+
+/// Every place a client can put its Tollgate key, through both doors and under every key
+/// policy: the provider never receives it (issue 14; before, with `allow_user_api_key` the key
+/// sent both as `X-Tollgate-Key` and as `Authorization` went upstream as the "user's key").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tollgate_key_never_reaches_the_provider_under_any_policy_header_or_door() {
+    let upstream = fixture_upstream().await;
+    let policies = [
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+        (true, true, true),
+    ];
+    let mut sent = 0;
+    for (central, user, fallback) in policies {
+        let (tg, key) = proxy_with(
+            &upstream,
+            "",
+            &format!(
+                "[keys]\ncentral_api_key_enabled = {central}\nallow_user_api_key = {user}\nallow_central_api_key_fallback = {fallback}"
+            ),
+        )
+        .await;
+        let bearer = format!("Bearer {key}");
+        // (header, value) sets: the key alone, with its own header, and under other names.
+        let header_sets: Vec<Vec<(&str, &str)>> = vec![
+            vec![("authorization", &bearer)],
+            vec![("x-api-key", &key)],
+            vec![("x-tollgate-key", &key), ("authorization", &bearer)],
+            vec![("x-tollgate-key", &key), ("x-api-key", &key)],
+            vec![
+                ("x-tollgate-key", &key),
+                ("authorization", &bearer),
+                ("x-api-key", &key),
+            ],
+            vec![
+                ("x-coder-ai-governance-token", &key),
+                ("authorization", &bearer),
+            ],
+            vec![
+                ("x-tollgate-key", &key),
+                ("api-key", &key),
+                ("x-goog-api-key", &key),
+                ("openai-organization", &key),
+            ],
+        ];
+        let gateway = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mitm = proxied(&tg, &key, true, &[]);
+        for (provider, body, path) in [
+            ("openai", chat_request(false), "/v1/chat/completions"),
+            (
+                "anthropic",
+                json!({"model": "claude-sonnet-4-5-20250929", "max_tokens": 64,
+                       "messages": [{"role": "user", "content": "hi"}]}),
+                "/v1/messages",
+            ),
+        ] {
+            for headers in &header_sets {
+                // The base-URL door, then the proxy door (the key is also the proxy password).
+                let mut requests = vec![gateway.post(format!("{}/{provider}{path}", tg.gateway))];
+                requests.push(mitm.post(format!("https://api.{provider}.com{path}")));
+                for mut request in requests {
+                    for (name, value) in headers {
+                        request = request.header(*name, *value);
+                    }
+                    let resp = request.json(&body).send().await.unwrap();
+                    let status = resp.status().as_u16();
+                    // The central key serves it where the policy uses it; otherwise the user
+                    // has no key of their own (a Tollgate key is not one): 403.
+                    let expected = if central && (!user || fallback) {
+                        200
+                    } else {
+                        403
+                    };
+                    assert_eq!(
+                        status,
+                        expected,
+                        "{provider} {headers:?} policy {central}/{user}/{fallback}: {}",
+                        resp.text().await.unwrap()
+                    );
+                    sent += 1;
+                }
+            }
+        }
+        let secret = &key[3..];
+        for request in upstream.requests() {
+            for (name, value) in &request.headers {
+                assert!(
+                    !value.contains(secret),
+                    "the Tollgate key went upstream in {name} under {central}/{user}/{fallback}"
+                );
+            }
+        }
+        // A query string carrying it is refused outright (the path goes upstream as it is).
+        let resp = gateway
+            .get(format!("{}/openai/v1/models?key={key}", tg.gateway))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        assert!(upstream.requests().iter().all(|r| !r.path.contains(secret)));
+    }
+    assert_eq!(sent, 4 * 2 * 7 * 2);
+    assert!(upstream.request_count() > 0);
+}
+
+/// An HTTP/2 client (Codex through the proxy) resets its stream the moment it has the final
+/// event; the call completed and is recorded so (before: `client_aborted`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_after_the_final_event_leaves_the_call_completed() {
+    let mut stream = fixture_bytes("openai-responses-stream.sse");
+    let end = stream.len();
+    // After the final event the upstream lingers (a keep-alive comment) before it ends.
+    stream.extend_from_slice(b": keep-alive\n\n");
+    let upstream = MockUpstream::always(
+        MockResponse::sse(stream)
+            .chunking(common::mock::Chunking::At(vec![end]))
+            .delay(Duration::from_millis(300)),
+    )
+    .await;
+    let (tg, key) = proxy_with(&upstream, "", "").await;
+    let client = proxied(&tg, &key, false, &[]);
+    let body = json!({"model": "gpt-5", "input": "Run the tests.", "stream": true});
+    let resp = client
+        .post(format!("{OPENAI}/v1/responses"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let id = interception_id(&resp);
+    let mut got = Vec::new();
+    let mut body_stream = resp.bytes_stream();
+    use futures_util::StreamExt;
+    while let Some(chunk) = body_stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+        if String::from_utf8_lossy(&got).contains("response.completed") {
+            break;
+        }
+    }
+    drop(body_stream); // RST_STREAM: the client has what it wanted
+    tg.wait_until_recorded(1).await;
+    let row = interception(&tg, &id).await;
+    assert_eq!(row["status"], "completed", "{row}");
+    assert_eq!(row["output"], 180, "{row}");
 }

@@ -116,8 +116,8 @@ async fn three_replicas_spend_one_budget_no_further_than_one_alone() {
         served,
         "refused requests never reached the upstream"
     );
-    // One replica alone admits 9 of such a burst (estimates of ~$0.0155 fit 9 times); three
-    // together must not admit more, as three independent ledgers (27) would.
+    // One replica alone admits 8 of such a burst (reservations of ~$0.0178 fit 8 times); three
+    // together must not admit more, as three independent ledgers (24) would.
     assert!((1..=10).contains(&served), "{served} served in the burst");
 
     // Then one at a time, round robin, until every replica refuses.
@@ -561,4 +561,112 @@ async fn interceptions_made_while_postgres_is_down_are_all_recorded_when_it_retu
     eprintln!(
         "served {served} ({during_outage} while PostgreSQL was down); all recorded after it returned"
     );
+}
+
+/// The two ways around a reservation a member controls, across three replicas sharing one
+/// budget (issue 14): a model alias the price book lacks (reserved at the provider's dearest
+/// prices, charged as the model that answered), and input the gateway cannot see (a document
+/// the provider fetches: admitted only while nothing else of the user's runs on any replica).
+/// Each burst of 200 ends at most one call past the cap.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_hold_the_cap_against_aliases_and_unseen_input() {
+    if skip_without_postgres("three_replicas_hold_the_cap_against_aliases_and_unseen_input") {
+        return;
+    }
+    // Answers a document request with the usage of a long document (100,000 input tokens:
+    // $0.30 more than the fixture), anything else with the fixture.
+    let fixture: Value =
+        serde_json::from_slice(&common::mock::fixture_bytes("anthropic-messages.json")).unwrap();
+    let upstream = MockUpstream::start(move |req| {
+        let mut answer = fixture.clone();
+        if req.text().contains("\"document\"") {
+            answer["usage"]["input_tokens"] = json!(100_420);
+        }
+        MockResponse::json(200, answer).first_byte_delay(Duration::from_millis(40))
+    })
+    .await;
+    let cap: i64 = 150_000_000;
+    let replicas = three_replicas(
+        &upstream,
+        "[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0",
+    )
+    .await;
+    let client = http();
+    let mut alias = messages_request();
+    alias["model"] = json!("claude-sonnet-latest-alias");
+    let mut unseen = messages_request();
+    unseen["messages"][0]["content"] = json!([
+        {"type": "document", "source": {"type": "url", "url": "https://example.com/spec.pdf"}},
+        {"type": "text", "text": "Summarise."}
+    ]);
+    let mut recorded = 0;
+    for (user, body) in [("aliaser", alias), ("reader", unseen)] {
+        let key = replicas[0].user_key(user);
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let request = client
+                    .post(format!("{}/anthropic/v1/messages", replicas[i % 3].gateway))
+                    .header("x-api-key", &key)
+                    .json(&body);
+                tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        let mut served: i64 = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                200 => served += 1,
+                402 => {}
+                other => panic!("{user}: unexpected status {other}"),
+            }
+        }
+        // Then one at a time until every replica refuses.
+        let mut refusals_in_a_row = 0;
+        let mut i = 0;
+        while refusals_in_a_row < 3 {
+            let status = client
+                .post(format!("{}/anthropic/v1/messages", replicas[i % 3].gateway))
+                .header("x-api-key", &key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            match status {
+                200 => {
+                    served += 1;
+                    refusals_in_a_row = 0;
+                }
+                402 => refusals_in_a_row += 1,
+                other => panic!("{user}: unexpected {other}"),
+            }
+            i += 1;
+            assert!(served <= 40, "{user}: the cap never stopped the requests");
+        }
+        recorded += served;
+        replicas[0].wait_until_recorded(recorded).await;
+        let (spent, dearest): (i64, i64) = (
+            replicas[0]
+                .scalar(
+                    "SELECT CAST(COALESCE(SUM(i.cost_nano_usd), 0) AS BIGINT) FROM interceptions i JOIN users u ON u.id = i.user_id WHERE u.username = ?",
+                    &[user],
+                )
+                .await,
+            replicas[0]
+                .scalar(
+                    "SELECT CAST(COALESCE(MAX(i.cost_nano_usd), 0) AS BIGINT) FROM interceptions i JOIN users u ON u.id = i.user_id WHERE u.username = ?",
+                    &[user],
+                )
+                .await,
+        );
+        eprintln!("{user}: {served} served over three replicas, {spent} spent");
+        assert!(
+            spent >= cap,
+            "{user}: spent {spent} stopped short of the cap"
+        );
+        assert!(
+            spent <= cap + dearest,
+            "{user}: spent {spent} > cap + one call"
+        );
+    }
 }

@@ -67,6 +67,7 @@ fn record(rng: &mut StdRng, users: &[User], start: DateTime<Utc>) -> Interceptio
             cache_write: rng.gen_range(0..100),
             reasoning: rng.gen_range(0..500),
         },
+        usage_source: Default::default(),
         prompt: None,
         tool_calls: Vec::new(),
         thoughts: Vec::new(),

@@ -103,6 +103,9 @@ pub struct Interception {
     pub started_at: DateTime<Utc>,
     pub ended_at: DateTime<Utc>,
     pub token_usage: TokenUsage,
+    /// Where `token_usage` comes from: `reported` by the provider, `estimated` by Tollgate (the
+    /// response ended without a usage report), or `none` (nothing reached a model).
+    pub usage_source: String,
     /// Exact decimal USD.
     pub cost_usd: String,
     pub cost_nano_usd: i64,
@@ -139,6 +142,7 @@ impl Interception {
             started_at: r.started_at,
             ended_at: r.ended_at,
             token_usage: r.usage.into(),
+            usage_source: r.usage_source,
             cost_usd: r.cost.to_usd_string(),
             cost_nano_usd: r.cost.0,
             user_prompts: r

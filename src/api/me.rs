@@ -181,6 +181,12 @@ pub async fn put_provider_key(
             "api_key must be a non-empty key without spaces".into(),
         ));
     }
+    if crate::store::contains_tollgate_key(key) {
+        return Err(ApiError::Unprocessable(
+            "api_key is a Tollgate key, not a provider key: store the key the provider issued you"
+                .into(),
+        ));
+    }
     let sealed = vault.seal(&me.user_id.to_string(), &provider, key);
     let hint = mask_secret(key);
     state

@@ -63,12 +63,13 @@ macro_rules! w {
 }
 pub(crate) use w;
 
-/// A path segment with everything but unreserved characters percent-encoded, so a session id
+/// A path segment with everything but unreserved characters (and `:`, which a path segment may
+/// hold: session ids are `{user id}:{client session id}`) percent-encoded, so a session id
 /// chosen by a client (`/`, `?`, `#`, spaces) stays one segment of a link.
 pub fn path_segment(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
             out.push(b as char);
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -239,5 +240,6 @@ mod tests {
     fn path_segments_keep_slashes_and_queries_out() {
         assert_eq!(path_segment("a/b?c d#é"), "a%2Fb%3Fc%20d%23%C3%A9");
         assert_eq!(path_segment("sess-1_2.3~"), "sess-1_2.3~");
+        assert_eq!(path_segment("u-1:sess"), "u-1:sess");
     }
 }

@@ -664,7 +664,13 @@ async fn sessions_page(
             .chars()
             .take(90)
             .collect();
-        let short: String = s.id.chars().take(24).collect();
+        // A client's session id is stored after its user's id (`{user id}:{session}`): the
+        // part the client chose is what a reader recognises.
+        let label = match s.id.split_once(':') {
+            Some((user, session)) if uuid::Uuid::parse_str(user).is_ok() => session,
+            _ => s.id.as_str(),
+        };
+        let short: String = label.chars().take(24).collect();
         w!(
             &mut b,
             "<tr><td><a href=\"/dashboard/sessions/",
@@ -772,8 +778,14 @@ async fn session_page(
 
 fn render_step(b: &mut Html, n: usize, step: &Interception) {
     let u = &step.token_usage;
+    // Estimated usage is said so: those counts are Tollgate's, not the provider's.
+    let source = match step.usage_source.as_str() {
+        "estimated" => " · usage estimated",
+        "none" => " · no usage",
+        _ => "",
+    };
     w!(b, "<article class=\"step\"><h4>Step ", (n), ": ", (step.provider), " / ", (step.model), " · ", (step.status),
-        " · ", (when(step.started_at)), "</h4>",
+        " · ", (when(step.started_at)), (source), "</h4>",
         "<table><thead><tr><th scope=\"col\" class=\"num\">Input</th><th scope=\"col\" class=\"num\">Output</th>",
         "<th scope=\"col\" class=\"num\">Cache read</th><th scope=\"col\" class=\"num\">Cache write</th><th scope=\"col\" class=\"num\">Reasoning</th>",
         "<th scope=\"col\" class=\"num\">Cost</th></tr></thead><tbody><tr><td class=\"num\">", (u.input_tokens), "</td><td class=\"num\">",

@@ -43,17 +43,19 @@ use crate::auth::{presented_key, KeyCache, KeySource};
 use crate::clients::{self, ClientInfo};
 use crate::config::{Config, KeyPolicyConfig};
 use crate::governance::budget::LimitScope;
+use crate::governance::estimate::{self, EstimateInput};
 use crate::governance::keyvault::KeyVault;
 use crate::governance::limits::ConcurrencyPermit;
-use crate::governance::pricing::{self, ModelPrice, PriceBook};
-use crate::governance::{Admission, Charge, Denial, Governance};
+use crate::governance::pricing::PriceBook;
+use crate::governance::{Admission, Charge, CostRequest, Denial, Governance, Settlement};
 use crate::money::NanoUsd;
 use crate::providers::{
     CredentialHeader, Endpoint, ErrorFormat, ParsedRequest, ProviderKind, ResponseParser,
-    ResponseSummary, RouteMatch, UsageChunkStripper,
+    ResponseSummary, RouteMatch, TokenUsage, UsageChunkStripper, UsageSource,
 };
 use crate::store::{
-    mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus, Principal, Recorder, Store,
+    contains_tollgate_key, mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus,
+    Principal, Recorder, SpendJournal, Store,
 };
 use crate::telemetry::{self, metric};
 use keypool::{Failover, NoKey};
@@ -77,6 +79,8 @@ pub struct GatewayState {
     /// The runtime that owns the database pool; cache misses run there.
     pub db: tokio::runtime::Handle,
     pub recorder: Recorder,
+    /// Settled interceptions, on disk before their last byte goes out (see `SpendJournal`).
+    journal: Option<Arc<SpendJournal>>,
     pub governance: Governance,
     /// Decrypts stored personal provider keys (present when user keys are allowed).
     pub vault: Option<KeyVault>,
@@ -92,6 +96,7 @@ impl GatewayState {
         store: Store,
         db: tokio::runtime::Handle,
         recorder: Recorder,
+        journal: Option<Arc<SpendJournal>>,
         vault: Option<KeyVault>,
         env: impl Fn(&str) -> Option<String>,
     ) -> GatewayState {
@@ -106,6 +111,7 @@ impl GatewayState {
             store,
             db,
             recorder,
+            journal,
             governance,
             vault,
             stored_keys: StoredKeyCache::new(config.auth.key_cache_ttl),
@@ -235,13 +241,20 @@ struct OpenInterception {
     credential_kind: CredentialKind,
     credential_hint: Option<String>,
     admission: Option<Admission>,
+    /// The body as it went upstream: what an estimate of input tokens reads.
+    body: Bytes,
+    /// The request was (or may have been) delivered to the upstream, which then bills it.
+    request_sent: bool,
+    /// The client has the whole answer (its final event or last byte was written): nothing it
+    /// does afterwards makes the interception anything but `completed`.
+    delivered: bool,
     /// The circuit breaker's permission, reported with the upstream's answer.
     breaker: Option<breaker::Ticket>,
     parser: Option<Box<dyn ResponseParser>>,
     /// What the parser found, once the response is complete (or cut).
     summary: Option<ResponseSummary>,
-    /// The prices used, the cost charged and where, set together with `summary`.
-    charge: Option<(Option<ModelPrice>, NanoUsd, Option<Charge>)>,
+    /// What was charged, set together with `summary`.
+    settled: Option<Settled>,
     streaming: bool,
     upstream_status: Option<u16>,
     ttfb: Option<Duration>,
@@ -251,6 +264,13 @@ struct OpenInterception {
     error: Option<String>,
     /// First bytes of an upstream error body, for the record.
     error_body: Vec<u8>,
+}
+
+/// An interception's usage and what it cost.
+struct Settled {
+    usage: TokenUsage,
+    source: UsageSource,
+    settlement: Settlement,
 }
 
 /// Why `handle` stopped early.
@@ -356,7 +376,7 @@ impl ProxyHttp for Gateway {
     /// Closes the interception (on success, refusal after start, client abort or upstream break).
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(open) = ctx.interception.take() {
-            self.close_interception(*open);
+            Box::pin(self.close_interception(*open)).await;
         }
     }
 }
@@ -373,7 +393,7 @@ impl Gateway {
             self.state
                 .governance
                 .check_rate(principal.user_id)
-                .map_err(denial_refusal)?,
+                .map_err(|denial| denial_refusal(denial, None))?,
         );
         let config = self.state.config();
         // pingora applies both to each read or write: a client may take long overall, but
@@ -422,28 +442,31 @@ impl Gateway {
             .breakers
             .admit(&request.model)
             .map_err(|wait| circuit_open_refusal(&routed.route.name, &request.model, wait))?;
+        let cost_request = CostRequest {
+            model: &request.model,
+            price_family: routed.route.kind.price_family(),
+            body_bytes: body_len(&upstream_body),
+            max_output_tokens: request.max_output_tokens,
+            choices: request.choices,
+            input: &request.input,
+        };
         let admission = self
             .state
             .governance
-            .admit(
-                &principal,
-                &request.model,
-                body_len(&upstream_body),
-                request.max_output_tokens,
-                Utc::now(),
-            )
-            .map_err(denial_refusal)?;
+            .admit(&principal, &cost_request, Utc::now())
+            .map_err(|denial| denial_refusal(denial, request.input.unseen.as_ref()))?;
         let admission = self
             .state
             .governance
             .admit_shared(admission)
             .await
-            .map_err(denial_refusal)?;
+            .map_err(|denial| denial_refusal(denial, request.input.unseen.as_ref()))?;
         let mut open = Box::new(
             self.open_interception(session, &routed, endpoint, request, principal, &credential)
                 .await,
         );
         open.admission = Some(admission);
+        open.body = upstream_body.clone();
         open.breaker = breaker_ticket;
         ctx.interception = Some(open);
         self.exchange(
@@ -499,6 +522,13 @@ impl Gateway {
             ));
         }
         let rest = match query {
+            // The path goes upstream as it is: a Tollgate key in it would reach the provider.
+            Some(q) if contains_tollgate_key(q) => {
+                return Err(Refusal::new(
+                    RefusalKind::BadRequest,
+                    "the query string carries a Tollgate key, which is never sent to a provider: send it in a header (Authorization, x-api-key or X-Tollgate-Key)",
+                ))
+            }
             Some(q) => format!("{rest_path}?{q}"),
             None => rest_path.to_string(),
         };
@@ -603,6 +633,12 @@ impl Gateway {
         });
         if route.adapter.credential_header() == CredentialHeader::ClientAuthorization {
             // Copilot: the client's own GitHub token is always the credential.
+            if bearer.as_deref().is_some_and(contains_tollgate_key) {
+                return Err(Refusal::new(
+                    RefusalKind::KeyPolicy,
+                    "Authorization carries a Tollgate key: copilot requests need the client's own GitHub token there, and the Tollgate key in X-Tollgate-Key (or as the proxy password)",
+                ));
+            }
             return match bearer.filter(|t| !t.is_empty()) {
                 Some(token) => Ok(Credential {
                     hint: Some(mask_secret(&token)),
@@ -616,14 +652,16 @@ impl Gateway {
                 )),
             };
         }
-        // Only with the Tollgate key in its own header do Authorization/x-api-key carry a user key.
+        // Only with the Tollgate key in its own header do Authorization/x-api-key carry a user key,
+        // and a Tollgate key there is not one (clients configured with their Tollgate key, then
+        // moved behind the proxy, send it both ways): it is never sent to a provider.
         let user_key = if matches!(
             source,
             KeySource::TollgateHeader | KeySource::ProxyCredentials
         ) {
             bearer
                 .or_else(|| text("x-api-key"))
-                .filter(|k| !k.is_empty())
+                .filter(|k| !k.is_empty() && !contains_tollgate_key(k))
         } else {
             None
         };
@@ -685,7 +723,9 @@ impl Gateway {
     ) -> OpenInterception {
         let headers = &session.req_header().headers;
         let client = clients::identify(headers, request.metadata_user_id.as_deref());
-        let thread = self.find_thread(&request.tool_result_ids).await;
+        let thread = self
+            .find_thread(principal.user_id, &request.tool_result_ids)
+            .await;
         routed.route.series().inflight().increment(1.0);
         OpenInterception {
             id: Uuid::now_v7(),
@@ -700,10 +740,13 @@ impl Gateway {
             credential_kind: credential.kind,
             credential_hint: credential.hint.clone(),
             admission: None,
+            body: Bytes::new(),
+            request_sent: false,
+            delivered: false,
             breaker: None,
             parser: None,
             summary: None,
-            charge: None,
+            settled: None,
             streaming: false,
             upstream_status: None,
             ttfb: None,
@@ -714,9 +757,9 @@ impl Gateway {
         }
     }
 
-    async fn find_thread(&self, tool_result_ids: &[String]) -> Option<ThreadLink> {
+    async fn find_thread(&self, user: Uuid, tool_result_ids: &[String]) -> Option<ThreadLink> {
         for id in tool_result_ids.iter().rev() {
-            if let Some(link) = self.state.threads.find(id) {
+            if let Some(link) = self.state.threads.find(user, id) {
                 return Some(link);
             }
         }
@@ -728,7 +771,7 @@ impl Gateway {
             .state
             .store
             .on_hot_path(async move {
-                db.spawn(async move { store.thread_of_tool_call(&last).await })
+                db.spawn(async move { store.thread_of_tool_call(user, &last).await })
                     .await
                     .map_err(|e| {
                         crate::store::StoreError::Invalid(format!(
@@ -787,6 +830,10 @@ impl Gateway {
                 )
             })?;
 
+            // From here the upstream may have the request, and bill it.
+            if let Some(o) = open.as_deref_mut() {
+                o.request_sent = true;
+            }
             // While the upstream thinks (a long generation can take minutes before its first
             // byte), watch the client: if it goes away, stop waiting and stop paying for the call.
             let sent = {
@@ -834,6 +881,8 @@ impl Gateway {
                     };
                     mark_failed(&mut open, status, &msg);
                     if let Some(o) = open.as_deref_mut() {
+                        // A connection that never opened carried nothing to bill.
+                        o.request_sent = !is_connect_failure(&e);
                         o.upstream_wait += waited.elapsed();
                         if let Some(t) = o.breaker.take() {
                             t.failed();
@@ -1038,9 +1087,13 @@ impl Gateway {
                     return Err(Stop::Broken(e));
                 }
             };
-            if let Some(o) = open.as_deref_mut() {
+            let mut final_event = false;
+            if let Some(o) = open.as_deref_mut().filter(|o| o.summary.is_none()) {
                 match o.parser.as_mut() {
-                    Some(p) => p.feed(&chunk),
+                    Some(p) => {
+                        p.feed(&chunk);
+                        final_event = p.ended();
+                    }
                     None if o.error_body.len() < ERROR_BODY_KEEP => {
                         let keep = (ERROR_BODY_KEEP - o.error_body.len()).min(chunk.len());
                         o.error_body.extend_from_slice(&chunk[..keep]);
@@ -1048,15 +1101,22 @@ impl Gateway {
                     None => {}
                 }
             }
-            if conn.response_done() {
-                // The last chunk: settle what it says before the client can act on it (a
-                // follow-up tool result may arrive the moment the client has these bytes).
-                if let Some(o) = open.as_deref_mut() {
-                    self.settle_response(o);
-                    if let Some((_, cost, Some(charge))) = &o.charge {
-                        self.state.governance.settle_shared(charge, *cost).await;
+            let done = conn.response_done();
+            if done || final_event {
+                // The final event or the last chunk: settle what it says before the client can
+                // act on it (a follow-up tool result may arrive the moment the client has these
+                // bytes), and before a crash could lose it (the spend journal).
+                if let Some(o) = open.as_deref_mut().filter(|o| o.summary.is_none()) {
+                    Box::pin(self.settle(o)).await;
+                    if let Some(s) = &o.settled {
+                        self.state
+                            .governance
+                            .settle_shared(&s.settlement.charge, s.settlement.cost)
+                            .await;
                     }
                 }
+            }
+            if done {
                 Box::pin(self.release(upstream.take(), &peer)).await;
             }
             let out = match stripper.as_mut() {
@@ -1074,9 +1134,16 @@ impl Gateway {
                 }
                 return Err(Stop::Broken(e));
             }
+            if let Some(o) = open.as_deref_mut() {
+                // The final event is the client's: a reset after it (HTTP/2 clients send one
+                // the moment they have it) does not undo a completed call.
+                if upstream.is_none() || o.summary.as_ref().is_some_and(|s| s.ended) {
+                    o.delivered = true;
+                }
+            }
         }
         if let Some(o) = open.as_deref_mut() {
-            self.settle_response(o);
+            Box::pin(self.settle(o)).await;
             if o.status.is_none() {
                 o.status = Some(if status >= 400 {
                     InterceptionStatus::UpstreamError
@@ -1151,9 +1218,11 @@ impl Gateway {
         }
     }
 
-    /// Takes the parser's findings once the response is complete, and makes its tool calls
-    /// known to thread lineage right away.
-    fn settle_response(&self, open: &mut OpenInterception) {
+    /// The response is over (complete or cut): takes the parser's findings, makes its tool
+    /// calls known to thread lineage right away, and charges the usage: as reported, or
+    /// estimated when the response carried none but the request reached the provider (which
+    /// bills it whatever the client saw; see `governance::estimate`).
+    async fn settle(&self, open: &mut OpenInterception) {
         if open.summary.is_some() {
             return;
         }
@@ -1167,86 +1236,79 @@ impl Gateway {
             root: open.thread.map(|t| t.root).unwrap_or(open.id),
         };
         for call in &summary.tool_calls {
-            self.state.threads.remember(&call.id, link);
+            self.state
+                .threads
+                .remember(open.principal.user_id, &call.id, link);
         }
+        let billed = open.request_sent && open.upstream_status.is_none_or(|s| s < 400);
+        let estimate = match &open.admission {
+            Some(admission) if billed && summary.usage.is_none() => Some(EstimateJob {
+                body: open.body.clone(),
+                model: summary
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| open.request.model.clone()),
+                media_parts: open.request.input.media_parts,
+                output_bytes: summary.output_bytes,
+                bound: admission.bound,
+            }),
+            _ => None,
+        };
+        let (usage, source) = match (summary.usage, estimate, summary.partial_usage) {
+            (Some(usage), _, _) => (usage, UsageSource::Reported),
+            // A stream cut before its final usage may have reported part of it (Anthropic's
+            // input counts come first, the output count last): what it reported stands, and
+            // output is at least what the client was sent.
+            (None, Some(job), Some(partial)) => {
+                let estimated = estimated_usage(job).await;
+                let usage = TokenUsage {
+                    output: partial.output.max(estimated.output),
+                    ..partial
+                };
+                (usage, UsageSource::Estimated)
+            }
+            (None, Some(job), None) => (estimated_usage(job).await, UsageSource::Estimated),
+            (None, None, partial) => (partial.unwrap_or_default(), UsageSource::Absent),
+        };
         // Charge now, before the client has the last byte, so its next request already sees
         // the spend (sequential requests cannot slip past a nearly spent cap).
-        let usage = summary.usage.unwrap_or_default();
-        let admission = open.admission.take();
-        let price = admission.as_ref().and_then(|a| a.price).or_else(|| {
-            let prices = self.state.prices();
-            summary
-                .model
-                .as_deref()
-                .and_then(|m| prices.lookup(m))
-                .copied()
+        let settlement = match open.admission.take() {
+            Some(admission) => {
+                self.state
+                    .governance
+                    .settle(admission, &usage, summary.model.as_deref())
+            }
+            None => Settlement {
+                price: None,
+                cost: NanoUsd::ZERO,
+                charge: Charge {
+                    period_start: self.state.governance.period_start(Utc::now()),
+                    shared_reservation: None,
+                },
+            },
+        };
+        open.settled = Some(Settled {
+            usage,
+            source,
+            settlement,
         });
-        let cost = price
-            .as_ref()
-            .map(|p| pricing::cost(&usage, p))
-            .unwrap_or(NanoUsd(0));
-        let charged = admission.map(|a| self.state.governance.settle(a, cost));
-        open.charge = Some((price, cost, charged));
+        if let Some(journal) = &self.state.journal {
+            // As it stands now: the final record, if it is ever written, replaces nothing (a
+            // recovered one is inserted only where the final one is missing).
+            journal.append(&record_of(open, &summary, status_of(open, true)));
+        }
         open.summary = Some(summary);
     }
 
-    /// Phase 7: the record. Cost from the price book, metrics, structured logs, lineage index,
-    /// then the recorder queue (never waits).
-    fn close_interception(&self, mut open: OpenInterception) {
-        self.settle_response(&mut open);
+    /// Phase 7: the record. Cost (settled here if the response broke before its end), metrics,
+    /// structured logs, then the recorder queue (never waits).
+    async fn close_interception(&self, mut open: OpenInterception) {
+        self.settle(&mut open).await;
         let summary = open.summary.take().unwrap_or_default();
-        let status = open.status.unwrap_or(InterceptionStatus::ClientAborted);
-        let usage = summary.usage.unwrap_or_default();
-        let (price, cost, charged) = open.charge.take().unwrap_or((None, NanoUsd(0), None));
-        let ended_at = Utc::now();
-        let charged = charged.unwrap_or_else(|| Charge {
-            period_start: self.state.governance.period_start(ended_at),
-            shared_reservation: None,
-        });
-        let error = open.error.take().or_else(|| {
-            (!open.error_body.is_empty())
-                .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
-        });
-        let thread_root = open.thread.map(|t| t.root);
-        let session_key = open
-            .client
-            .session_id
-            .clone()
-            .or_else(|| thread_root.map(|r| r.to_string()))
-            .unwrap_or_else(|| open.id.to_string());
-        let record = InterceptionRecord {
-            id: open.id,
-            user_id: open.principal.user_id,
-            api_key_id: Some(open.principal.api_key_id),
-            provider: open.route.name.clone(),
-            provider_kind: open.route.kind.as_str(),
-            endpoint: endpoint_name(open.endpoint),
-            model: std::mem::take(&mut open.request.model),
-            response_model: summary.model,
-            client: open.client.client.as_str(),
-            client_session_id: open.client.session_id.clone(),
-            session_key,
-            thread_parent_id: open.thread.map(|t| t.parent),
-            thread_root_id: thread_root,
-            credential_kind: open.credential_kind,
-            credential_hint: open.credential_hint.take(),
-            status,
-            upstream_status: open.upstream_status,
-            error,
-            streaming: open.streaming,
-            started_at: open.started_at,
-            ended_at,
-            ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
-            response_id: summary.response_id,
-            usage,
-            prompt: open.request.last_user_prompt.take(),
-            tool_calls: summary.tool_calls,
-            thoughts: summary.thoughts,
-            cost,
-            price,
-            spend_period_start: charged.period_start,
-            shared_reservation: charged.shared_reservation,
-        };
+        let mut record = record_of(&open, &summary, status_of(&open, open.delivered));
+        record.prompt = open.request.last_user_prompt.take();
+        record.tool_calls = summary.tool_calls;
+        record.thoughts = summary.thoughts;
         open.route.series().inflight().decrement(1.0);
         telemetry::count_interception(
             &record,
@@ -1303,8 +1365,9 @@ impl Gateway {
     }
 }
 
-/// Renders a governance denial as the contract's refusal (429, 402, 403).
-fn denial_refusal(denial: Denial) -> Refusal {
+/// Renders a governance denial as the contract's refusal (429, 402, 403). `unseen` is why the
+/// request's cost had no bound, if it had none (a 402 then says why it had to run alone).
+fn denial_refusal(denial: Denial, unseen: Option<&crate::providers::UnseenInput>) -> Refusal {
     match denial {
         Denial::RateLimited { retry_after } => {
             let secs = retry_after.as_secs().max(1);
@@ -1330,6 +1393,11 @@ fn denial_refusal(denial: Denial) -> Refusal {
                 format!(
                     "spend cap reached: ${} of ${} spent this period ({scope}); the budget resets at {reset}",
                     refusal.spent, refusal.cap
+                )
+            } else if let Some(unseen) = unseen {
+                format!(
+                    "this request's cost has no bound the gateway can see (it uses {unseen}), so under a spend cap it runs only while nothing else of yours is in flight; ${} spent and ${} reserved by your in-flight requests, of ${} ({scope}); retry when they finish",
+                    refusal.spent, refusal.reserved, refusal.cap
                 )
             } else {
                 format!(
@@ -1593,7 +1661,7 @@ fn mark_failed(
     status: InterceptionStatus,
     message: &str,
 ) {
-    if let Some(o) = open.as_deref_mut() {
+    if let Some(o) = open.as_deref_mut().filter(|o| !o.delivered) {
         o.status = Some(status);
         o.error = Some(message.to_string());
     }
@@ -1623,11 +1691,141 @@ fn upstream_timeout_phase(e: &Error) -> Option<(&'static str, &'static str, Time
     }
 }
 
+/// Failures before a connection to the upstream existed: no request reached it.
+fn is_connect_failure(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::InvalidCert
+            | ErrorType::SocketError
+            | ErrorType::BindError
+    )
+}
+
 fn is_timeout(e: &Error) -> bool {
     matches!(
         e.etype(),
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
     )
+}
+
+/// How an interception ended: the failure it recorded, else by the upstream's answer if the
+/// client has the whole answer (`delivered`), else the client went away.
+fn status_of(open: &OpenInterception, delivered: bool) -> InterceptionStatus {
+    open.status
+        .unwrap_or(match (delivered, open.upstream_status) {
+            (true, Some(status)) if status >= 400 => InterceptionStatus::UpstreamError,
+            (true, _) => InterceptionStatus::Completed,
+            (false, _) => InterceptionStatus::ClientAborted,
+        })
+}
+
+/// The record of a settled interception, without its text (prompt, tool calls, thoughts),
+/// which the caller adds if it keeps them.
+fn record_of(
+    open: &OpenInterception,
+    summary: &ResponseSummary,
+    status: InterceptionStatus,
+) -> InterceptionRecord {
+    let settled = open
+        .settled
+        .as_ref()
+        .expect("records are made of settled interceptions");
+    let error = open.error.clone().or_else(|| {
+        (!open.error_body.is_empty())
+            .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
+    });
+    let thread_root = open.thread.map(|t| t.root);
+    InterceptionRecord {
+        id: open.id,
+        user_id: open.principal.user_id,
+        api_key_id: Some(open.principal.api_key_id),
+        provider: open.route.name.clone(),
+        provider_kind: open.route.kind.as_str(),
+        endpoint: endpoint_name(open.endpoint),
+        model: open.request.model.clone(),
+        response_model: summary.model.clone(),
+        client: open.client.client.as_str(),
+        client_session_id: open.client.session_id.clone(),
+        session_key: session_key(&open.principal, &open.client, thread_root, open.id),
+        thread_parent_id: open.thread.map(|t| t.parent),
+        thread_root_id: thread_root,
+        credential_kind: open.credential_kind,
+        credential_hint: open.credential_hint.clone(),
+        status,
+        upstream_status: open.upstream_status,
+        error,
+        streaming: open.streaming,
+        started_at: open.started_at,
+        ended_at: Utc::now(),
+        ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
+        response_id: summary.response_id.clone(),
+        usage: settled.usage,
+        usage_source: settled.source,
+        prompt: None,
+        tool_calls: Vec::new(),
+        thoughts: Vec::new(),
+        cost: settled.settlement.cost,
+        price: settled.settlement.price,
+        spend_period_start: settled.settlement.charge.period_start,
+        shared_reservation: settled.settlement.charge.shared_reservation,
+    }
+}
+
+/// A session groups one user's interceptions: the client's session id (scoped to the user, so
+/// another user reusing it starts a session of their own), else the thread root, else the
+/// interception itself (both ids of the user's own interceptions).
+fn session_key(
+    principal: &Principal,
+    client: &ClientInfo,
+    thread_root: Option<Uuid>,
+    own_id: Uuid,
+) -> String {
+    match (&client.session_id, thread_root) {
+        (Some(client_session), _) => format!("{}:{client_session}", principal.user_id),
+        (None, Some(root)) => root.to_string(),
+        (None, None) => own_id.to_string(),
+    }
+}
+
+/// What the blocking pool needs to estimate usage.
+struct EstimateJob {
+    body: Bytes,
+    model: String,
+    media_parts: u32,
+    output_bytes: u64,
+    bound: crate::governance::pricing::CostBound,
+}
+
+/// Usage estimated on the blocking pool (tokenizing is CPU work the gateway's threads must
+/// not do); if the estimate fails, the request's whole bound.
+async fn estimated_usage(job: EstimateJob) -> TokenUsage {
+    let bound = job.bound;
+    let run = move || {
+        estimate::estimate_usage(&EstimateInput {
+            body: &job.body,
+            model: &job.model,
+            media_parts: job.media_parts,
+            output_bytes: job.output_bytes,
+            bound: job.bound,
+        })
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(usage) => usage,
+        Err(e) => {
+            tracing::error!(error = %e, "usage estimate failed; charging the request's bound");
+            TokenUsage {
+                input: bound.input_tokens,
+                output: bound.output_tokens,
+                ..TokenUsage::default()
+            }
+        }
+    }
 }
 
 fn endpoint_name(e: Endpoint) -> &'static str {

@@ -22,6 +22,7 @@ use super::breaker::Breakers;
 use super::keypool::KeyPool;
 use crate::config::{ProviderConfig, UpstreamUrl};
 use crate::providers::{CredentialHeader, Provider, ProviderKind};
+use crate::store::contains_tollgate_key;
 use crate::telemetry::{self, ProviderSeries};
 
 /// One configured provider, ready for the hot path.
@@ -140,8 +141,9 @@ const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "x-tollgate-session",
 ];
 
-/// Builds the head sent upstream: the client's headers minus the dropped ones, then `Host`,
-/// the credential and the body length.
+/// Builds the head sent upstream: the client's headers minus the dropped ones and any that
+/// carries something shaped like a Tollgate key (under whatever name: a Tollgate key is never
+/// a provider's credential), then `Host`, the credential and the body length.
 pub fn upstream_request(
     method: &http::Method,
     path: &str,
@@ -156,7 +158,9 @@ pub fn upstream_request(
         Some(client_headers.len() + 3),
     )?;
     for (name, value) in client_headers {
-        if DROPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+        if DROPPED_REQUEST_HEADERS.contains(&name.as_str())
+            || contains_tollgate_key(&String::from_utf8_lossy(value.as_bytes()))
+        {
             continue;
         }
         req.append_header(name.clone(), value.clone())?;
@@ -272,6 +276,13 @@ mod tests {
         h.insert("accept-encoding", "gzip".parse().unwrap());
         h.insert("anthropic-version", "2023-06-01".parse().unwrap());
         h.insert("connection", "keep-alive".parse().unwrap());
+        // A Tollgate key under a header name the gateway does not know is not forwarded either.
+        let tollgate_key = format!("tg_{}", "ab".repeat(24));
+        h.insert("api-key", tollgate_key.parse().unwrap());
+        h.insert(
+            "x-goog-api-key",
+            format!("Bearer {tollgate_key}").parse().unwrap(),
+        );
         let req = upstream_request(
             &http::Method::POST,
             &r.upstream_path("/v1/messages"),
@@ -287,6 +298,8 @@ mod tests {
         assert!(req.headers.get("x-tollgate-key").is_none());
         assert!(req.headers.get("accept-encoding").is_none());
         assert!(req.headers.get("connection").is_none());
+        assert!(req.headers.get("api-key").is_none());
+        assert!(req.headers.get("x-goog-api-key").is_none());
         assert_eq!(req.headers.get("anthropic-version").unwrap(), "2023-06-01");
         assert_eq!(req.headers.get("host").unwrap(), "127.0.0.1:9000");
         assert_eq!(req.headers.get("content-length").unwrap(), "10");

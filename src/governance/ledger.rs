@@ -8,16 +8,20 @@
 //!
 //! # Admission rule and overshoot bound
 //!
-//! With a cap, a request is admitted when the user's spend is below the cap and either no other
-//! request of theirs is in flight, or spend + reserved + estimate fits within the cap. The first
-//! case admits a request even when its estimate alone exceeds what is left: estimates are
-//! deliberately generous (a model's full output limit), and refusing them would lock a user out
-//! while they still have money. The price is a bounded overshoot. When every request costs no
-//! more than its estimate, a user's spend ends a period at most one request's real cost above the
-//! cap: only a request admitted alone can cross the cap, and while it is in flight nothing else
-//! is admitted past the cap. Concurrent requests are admitted only while their reservations fit
-//! under the cap, so they add no overshoot of their own, except by however much their real cost
-//! exceeds their estimate.
+//! With a cap, a [`ReservationKind::Bounded`] request (one whose reservation is an upper bound
+//! of its cost: `pricing::CostBound`) is admitted when the user's spend is below the cap and
+//! either no other request of theirs is in flight, or spend + reserved + estimate fits within
+//! the cap. The first case admits a request even when its estimate alone exceeds what is left:
+//! estimates are deliberately generous (a model's full output limit), and refusing them would
+//! lock a user out while they still have money. An [`ReservationKind::Unbounded`] request (its
+//! input is partly invisible to the gateway, so no estimate bounds it) is admitted only when
+//! nothing else of the user's is in flight, and it reserves at least the rest of the cap, so
+//! nothing else is admitted while it runs.
+//!
+//! The price is a bounded overshoot: a user's spend ends a period at most **one request's real
+//! cost** above the cap. Only a request admitted alone can cross the cap, and while it is in
+//! flight nothing else is admitted past the cap; concurrent bounded requests are admitted only
+//! while their reservations fit under the cap, and each costs no more than its reservation.
 //!
 //! # Period roll-over
 //!
@@ -74,6 +78,15 @@ impl UserSpend {
             self.spent = NanoUsd::ZERO;
         }
     }
+}
+
+/// Whether a request's reservation bounds its cost; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationKind {
+    /// The reservation is an upper bound of what the request can cost.
+    Bounded,
+    /// Nothing bounds the cost: admitted only alone, holding the rest of the cap.
+    Unbounded,
 }
 
 /// Why a request was refused: the user's cap is spent, or what is left is already reserved by
@@ -205,8 +218,9 @@ impl SpendLedger {
         cap: Option<(NanoUsd, LimitScope)>,
         estimate: NanoUsd,
         period_start: DateTime<Utc>,
+        kind: ReservationKind,
     ) -> Result<Reservation, BudgetRefusal> {
-        let estimate = estimate.max(NanoUsd::ZERO);
+        let mut estimate = estimate.max(NanoUsd::ZERO);
         let mut map = self.users.lock();
         let entry = map
             .entry(user)
@@ -219,13 +233,21 @@ impl SpendLedger {
                 .saturating_add(entry.reserved)
                 .saturating_add(estimate)
                 <= cap;
-            if entry.spent >= cap || !(alone || fits) {
+            let admitted = match kind {
+                ReservationKind::Bounded => alone || fits,
+                ReservationKind::Unbounded => alone,
+            };
+            if entry.spent >= cap || !admitted {
                 return Err(BudgetRefusal {
                     cap,
                     spent: entry.spent,
                     reserved: entry.reserved,
                     scope,
                 });
+            }
+            if kind == ReservationKind::Unbounded {
+                // Holding the rest of the cap keeps every other request out while it runs.
+                estimate = estimate.max(cap.saturating_sub(entry.spent));
             }
         }
         entry.reserved = entry.reserved.saturating_add(estimate);
@@ -293,6 +315,51 @@ mod tests {
         Some((NanoUsd(cap), LimitScope::User))
     }
 
+    const B: ReservationKind = ReservationKind::Bounded;
+    const U: ReservationKind = ReservationKind::Unbounded;
+
+    #[test]
+    fn an_unbounded_request_runs_only_alone_and_keeps_others_out() {
+        let ledger = SpendLedger::new();
+        let user = Uuid::new_v4();
+        ledger.hydrate(period(3), [(user, NanoUsd(30))]);
+        let bounded = ledger
+            .try_reserve(user, capped(100), NanoUsd(10), period(3), B)
+            .unwrap();
+        // Something else is in flight: refused, although its estimate would fit.
+        let refusal = ledger
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), U)
+            .unwrap_err();
+        assert_eq!(refusal.reserved, NanoUsd(10));
+        ledger.settle(bounded, NanoUsd(10));
+        // Alone: admitted, holding the whole rest of the cap (100 - 40).
+        let unbounded = ledger
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), U)
+            .unwrap();
+        assert_eq!(unbounded.amount(), NanoUsd(60));
+        // While it runs nothing else fits, bounded or not.
+        assert!(ledger
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), B)
+            .is_err());
+        assert!(ledger
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), U)
+            .is_err());
+        // It cost far more than anything reserved: the overshoot is this one request.
+        ledger.settle(unbounded, NanoUsd(500));
+        assert_eq!(ledger.snapshot(user), (NanoUsd(540), NanoUsd(0)));
+        // Without a cap it is tracked like any other request.
+        let other = Uuid::new_v4();
+        let a = ledger
+            .try_reserve(other, None, NanoUsd(5), period(3), U)
+            .unwrap();
+        let b = ledger
+            .try_reserve(other, None, NanoUsd(5), period(3), U)
+            .unwrap();
+        assert_eq!(ledger.snapshot(other), (NanoUsd(0), NanoUsd(10)));
+        ledger.settle(a, NanoUsd(1));
+        ledger.settle(b, NanoUsd(1));
+    }
+
     #[test]
     fn concurrent_reservations_do_not_overshoot() {
         const E: i64 = 1_000_000;
@@ -306,7 +373,7 @@ mod tests {
                 let start = Arc::clone(&start);
                 std::thread::spawn(move || {
                     start.wait();
-                    match ledger.try_reserve(user, capped(cap), NanoUsd(E), period(3)) {
+                    match ledger.try_reserve(user, capped(cap), NanoUsd(E), period(3), B) {
                         Ok(reservation) => {
                             ledger.settle(reservation, NanoUsd(E));
                             true
@@ -340,13 +407,13 @@ mod tests {
         let held: Vec<Reservation> = (0..10)
             .map(|_| {
                 ledger
-                    .try_reserve(user, capped(100), NanoUsd(10), period(3))
+                    .try_reserve(user, capped(100), NanoUsd(10), period(3), B)
                     .unwrap()
             })
             .collect();
         assert_eq!(ledger.snapshot(user), (NanoUsd(0), NanoUsd(100)));
         let refusal = ledger
-            .try_reserve(user, capped(100), NanoUsd(10), period(3))
+            .try_reserve(user, capped(100), NanoUsd(10), period(3), B)
             .unwrap_err();
         assert_eq!(
             refusal,
@@ -369,17 +436,17 @@ mod tests {
         let user = Uuid::new_v4();
         ledger.hydrate(period(3), [(user, NanoUsd(90))]);
         let big = ledger
-            .try_reserve(user, capped(100), NanoUsd(500), period(3))
+            .try_reserve(user, capped(100), NanoUsd(500), period(3), B)
             .unwrap();
         // While it runs, nothing else gets in: its reservation already exceeds the cap.
         assert!(ledger
-            .try_reserve(user, capped(100), NanoUsd(1), period(3))
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), B)
             .is_err());
         // It costs more than was left: the overshoot is this one request's cost.
         ledger.settle(big, NanoUsd(30));
         assert_eq!(ledger.snapshot(user), (NanoUsd(120), NanoUsd(0)));
         let refusal = ledger
-            .try_reserve(user, capped(100), NanoUsd(1), period(3))
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), B)
             .unwrap_err();
         assert_eq!(refusal.spent, NanoUsd(120));
         assert_eq!(refusal.reserved, NanoUsd(0));
@@ -396,6 +463,7 @@ mod tests {
                 Some((NanoUsd(100), LimitScope::Group("eng".into()))),
                 NanoUsd(1),
                 period(3),
+                B,
             )
             .unwrap_err();
         assert_eq!(
@@ -414,7 +482,7 @@ mod tests {
         );
         // A zero cap refuses even a zero estimate.
         assert!(ledger
-            .try_reserve(Uuid::new_v4(), capped(0), NanoUsd(0), period(3))
+            .try_reserve(Uuid::new_v4(), capped(0), NanoUsd(0), period(3), B)
             .is_err());
     }
 
@@ -424,10 +492,10 @@ mod tests {
         let user = Uuid::new_v4();
         ledger.hydrate(period(3), [(user, NanoUsd::MAX)]);
         let first = ledger
-            .try_reserve(user, None, NanoUsd(7), period(3))
+            .try_reserve(user, None, NanoUsd(7), period(3), B)
             .unwrap();
         let second = ledger
-            .try_reserve(user, None, NanoUsd(5), period(3))
+            .try_reserve(user, None, NanoUsd(5), period(3), B)
             .unwrap();
         assert_eq!(ledger.snapshot(user), (NanoUsd::MAX, NanoUsd(12)));
         ledger.settle(first, NanoUsd(3));
@@ -442,10 +510,10 @@ mod tests {
         let user = Uuid::new_v4();
         ledger.hydrate(period(3), [(user, NanoUsd(100))]);
         assert!(ledger
-            .try_reserve(user, capped(100), NanoUsd(1), period(3))
+            .try_reserve(user, capped(100), NanoUsd(1), period(3), B)
             .is_err());
         let april = ledger
-            .try_reserve(user, capped(100), NanoUsd(1), period(4))
+            .try_reserve(user, capped(100), NanoUsd(1), period(4), B)
             .unwrap();
         assert_eq!(april.period_start(), period(4));
         assert_eq!(ledger.snapshot(user), (NanoUsd(0), NanoUsd(1)));
@@ -459,11 +527,11 @@ mod tests {
         let user = Uuid::new_v4();
         ledger.hydrate(period(3), [(user, NanoUsd(50))]);
         let march = ledger
-            .try_reserve(user, capped(100), NanoUsd(10), period(3))
+            .try_reserve(user, capped(100), NanoUsd(10), period(3), B)
             .unwrap();
         // April begins while the March request is still running; its reservation still counts.
         let april = ledger
-            .try_reserve(user, capped(100), NanoUsd(10), period(4))
+            .try_reserve(user, capped(100), NanoUsd(10), period(4), B)
             .unwrap();
         assert_eq!(ledger.snapshot(user), (NanoUsd(0), NanoUsd(20)));
         ledger.settle(march, NanoUsd(8));
@@ -476,11 +544,11 @@ mod tests {
         let ledger = SpendLedger::new();
         let user = Uuid::new_v4();
         let april = ledger
-            .try_reserve(user, capped(100), NanoUsd(10), period(4))
+            .try_reserve(user, capped(100), NanoUsd(10), period(4), B)
             .unwrap();
         ledger.settle(april, NanoUsd(10));
         let late = ledger
-            .try_reserve(user, capped(100), NanoUsd(10), period(3))
+            .try_reserve(user, capped(100), NanoUsd(10), period(3), B)
             .unwrap();
         assert_eq!(late.period_start(), period(4));
         ledger.settle(late, NanoUsd(10));
@@ -493,7 +561,7 @@ mod tests {
         let (busy, idle, loaded) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         ledger.hydrate(period(3), [(busy, NanoUsd(5)), (idle, NanoUsd(6))]);
         let in_flight = ledger
-            .try_reserve(busy, capped(100), NanoUsd(10), period(3))
+            .try_reserve(busy, capped(100), NanoUsd(10), period(3), B)
             .unwrap();
         ledger.hydrate(period(4), [(loaded, NanoUsd(7))]);
         assert_eq!(ledger.snapshot(busy), (NanoUsd(0), NanoUsd(10)));
@@ -512,7 +580,7 @@ mod tests {
         let ledger = SpendLedger::new();
         let user = Uuid::new_v4();
         let reservation = ledger
-            .try_reserve(user, capped(100), NanoUsd(60), period(3))
+            .try_reserve(user, capped(100), NanoUsd(60), period(3), B)
             .unwrap();
         assert_eq!(reservation.user(), user);
         assert_eq!(reservation.amount(), NanoUsd(60));
@@ -520,10 +588,10 @@ mod tests {
         assert_eq!(ledger.snapshot(user), (NanoUsd(0), NanoUsd(0)));
         // Two fit again, which they would not if the dropped one still held its 60.
         let a = ledger
-            .try_reserve(user, capped(100), NanoUsd(50), period(3))
+            .try_reserve(user, capped(100), NanoUsd(50), period(3), B)
             .unwrap();
         let b = ledger
-            .try_reserve(user, capped(100), NanoUsd(50), period(3))
+            .try_reserve(user, capped(100), NanoUsd(50), period(3), B)
             .unwrap();
         ledger.settle(a, NanoUsd(1));
         ledger.settle(b, NanoUsd(1));

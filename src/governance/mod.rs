@@ -16,6 +16,7 @@
 //! Not here: rendering refusals (the gateway does, in the provider's format) or SQL (store).
 
 pub mod budget;
+pub mod estimate;
 pub mod keyvault;
 pub mod ledger;
 pub mod limits;
@@ -33,11 +34,33 @@ use uuid::Uuid;
 
 use crate::config::{BudgetConfig, Config, DatabaseDownPolicy, PriceOverride, UnpricedPolicy};
 use crate::money::NanoUsd;
+use crate::providers::{InputShape, TokenUsage};
 use crate::store::{Principal, Store, StoreError};
 use budget::{BudgetLimits, LimitScope};
-use ledger::{BudgetRefusal, Reservation, SpendLedger};
+use ledger::{BudgetRefusal, Reservation, ReservationKind, SpendLedger};
 use limits::{ConcurrencyLimiter, ConcurrencyPermit, RateLimiter};
-use pricing::{ModelPrice, PriceBook};
+use pricing::{CostBound, ModelPrice, PriceBook};
+
+/// Output tokens assumed for a request that sets no limit, of a model whose limit the price
+/// book does not know, when no model in the book has a limit either.
+const FALLBACK_OUTPUT_TOKENS: u64 = 128_000;
+
+/// What admission needs to know about an intercepted request.
+#[derive(Debug, Clone, Copy)]
+pub struct CostRequest<'a> {
+    /// The model the request names.
+    pub model: &'a str,
+    /// The price book's provider name (`openai`, `anthropic`) whose dearest model a model the
+    /// book lacks is reserved at; `None` for the whole book.
+    pub price_family: Option<&'a str>,
+    /// The body as it goes upstream.
+    pub body_bytes: u64,
+    /// `max_tokens` and its siblings, if the client set one.
+    pub max_output_tokens: Option<u64>,
+    /// Chat `n`.
+    pub choices: Option<u64>,
+    pub input: &'a InputShape,
+}
 
 /// Why governance said no.
 #[derive(Debug)]
@@ -81,7 +104,13 @@ impl BudgetView {
 #[derive(Debug)]
 pub struct Admission {
     reservation: Option<Reservation>,
+    /// The requested model's price; `None` when the book lacks it (an alias, or a model that
+    /// is not priced): the model that answers is then charged.
     pub price: Option<ModelPrice>,
+    /// The most the request can cost, as its reservation assumed.
+    pub bound: CostBound,
+    /// Whether the reservation bounds the cost (the input is all in the body).
+    pub kind: ReservationKind,
     /// The cap check still to be made against the shared store (`admit_shared`).
     capped: Option<CappedRequest>,
     /// The request's reservation in the shared store.
@@ -94,8 +123,18 @@ struct CappedRequest {
     cap: NanoUsd,
     scope: LimitScope,
     estimate: NanoUsd,
+    kind: ReservationKind,
     period_start: DateTime<Utc>,
     reset: DateTime<Utc>,
+}
+
+/// What a request was charged when it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    /// The prices used; `None` when neither the requested nor the answering model is priced.
+    pub price: Option<ModelPrice>,
+    pub cost: NanoUsd,
+    pub charge: Charge,
 }
 
 /// What a settled request was charged to, for its record.
@@ -198,49 +237,68 @@ impl Governance {
             .map_err(|e| Denial::TooManyInFlight { limit: e.limit })
     }
 
-    /// Price and budget for an intercepted request: reserves an estimate of its cost (prompt
-    /// bytes and `max_tokens`, else the model's output limit, at the model's prices).
+    /// Price and budget for an intercepted request: reserves the most it can cost
+    /// ([`CostBound`] at the model's prices; at the dearest prices of its provider for a model
+    /// the book lacks). A request whose input is partly invisible (`InputShape::unseen`) has
+    /// no bound and is admitted only alone. See `ledger` for the rule and its overshoot bound.
     pub fn admit(
         &self,
         principal: &Principal,
-        model: &str,
-        prompt_bytes: u64,
-        max_output_tokens: Option<u64>,
+        request: &CostRequest<'_>,
         now: DateTime<Utc>,
     ) -> Result<Admission, Denial> {
-        let price = self.prices().lookup(model).copied();
+        let book = self.prices();
+        let price = book.lookup(request.model).copied();
         let budgets = self.budgets.read().clone();
         if price.is_none() && budgets.unpriced == UnpricedPolicy::Deny {
             return Err(Denial::Unpriced {
-                model: model.to_string(),
+                model: request.model.to_string(),
             });
         }
+        let needs_ceiling = price.is_none()
+            || (request.max_output_tokens.is_none()
+                && price.is_some_and(|p| p.output_limit.is_none()));
+        let ceiling = needs_ceiling
+            .then(|| book.ceiling(request.price_family))
+            .flatten();
+        let output_cap = request
+            .max_output_tokens
+            .or(price.and_then(|p| p.output_limit))
+            .or(ceiling.and_then(|c| c.output_limit))
+            .unwrap_or(FALLBACK_OUTPUT_TOKENS);
+        let bound = CostBound::new(
+            request.body_bytes,
+            request.input.media_parts,
+            output_cap,
+            request.choices.unwrap_or(1),
+        );
+        // An empty book with unpriced models allowed is the only way to reserve nothing.
+        let estimate = price.or(ceiling).map_or(NanoUsd::ZERO, |p| bound.cost(&p));
+        let kind = match request.input.unseen {
+            Some(_) => ReservationKind::Unbounded,
+            None => ReservationKind::Bounded,
+        };
         let limits = self.limits.read().clone();
         let cap = budget::resolve_cap(&limits, principal.user_id, &principal.group_ids);
         let (period_start, reset) = budget::period_bounds(budgets.period, now);
-        let estimate = match &price {
-            Some(p) => {
-                let output = max_output_tokens.or(p.output_limit).unwrap_or(4096);
-                pricing::estimate(prompt_bytes, output, p)
-            }
-            // Unpriced (allowed) models cost nothing as far as the budget can tell.
-            None => NanoUsd(0),
-        };
         let capped = cap.clone().map(|(cap, scope)| CappedRequest {
             user: principal.user_id,
             cap,
             scope,
             estimate,
+            kind,
             period_start,
             reset,
         });
         let reservation = self
             .ledger
-            .try_reserve(principal.user_id, cap, estimate, period_start)
+            .try_reserve(principal.user_id, cap, estimate, period_start, kind)
             .map_err(|refusal| Denial::Budget { refusal, reset })?;
         Ok(Admission {
             reservation: Some(reservation),
             price,
+            bound,
+            kind,
             capped,
             shared: None,
         })
@@ -266,6 +324,7 @@ impl Governance {
                 c.period_start,
                 c.cap,
                 c.estimate,
+                c.kind == ReservationKind::Unbounded,
                 shared.replica,
                 ttl,
             ))
@@ -317,9 +376,23 @@ impl Governance {
         }
     }
 
-    /// Charges the real cost and releases the reservation; says which period was charged (and
-    /// which shared reservation the record must release).
-    pub fn settle(&self, mut admission: Admission, cost: NanoUsd) -> Charge {
+    /// Prices `usage` and charges it, releasing the reservation. The requested model's price
+    /// applies; for a model the book lacks, the price of the model that answered
+    /// (`answering_model`), else nothing (`budgets.unpriced = "allow"`). Says which period was
+    /// charged (and which shared reservation the record must release).
+    pub fn settle(
+        &self,
+        mut admission: Admission,
+        usage: &TokenUsage,
+        answering_model: Option<&str>,
+    ) -> Settlement {
+        let price = admission.price.or_else(|| {
+            let book = self.prices();
+            answering_model.and_then(|m| book.lookup(m)).copied()
+        });
+        let cost = price
+            .as_ref()
+            .map_or(NanoUsd::ZERO, |p| pricing::cost(usage, p));
         let period_start = match admission.reservation.take() {
             Some(r) => {
                 let period = r.period_start();
@@ -331,9 +404,13 @@ impl Governance {
         if let (Some(shared), Some(id)) = (&self.shared, admission.shared) {
             shared.live.lock().remove(&id);
         }
-        Charge {
-            period_start,
-            shared_reservation: admission.shared,
+        Settlement {
+            price,
+            cost,
+            charge: Charge {
+                period_start,
+                shared_reservation: admission.shared,
+            },
         }
     }
 

@@ -3,7 +3,7 @@
 //! A [`PriceBook`] maps model ids to [`ModelPrice`]s (nano-USD per million tokens). It starts from
 //! the shipped book (`config/prices.toml`, generated from models.dev by `scripts/gen_prices.py`)
 //! and operators override entries with [`PriceBook::insert`]. [`cost`] turns a [`TokenUsage`] into
-//! money and [`estimate`] gives the deliberately high figure reserved before a request runs.
+//! money and [`CostBound`] gives the most a request can cost, which is reserved before it runs.
 //! Everything is integer arithmetic: no float ever touches a price or a cost.
 //!
 //! Not here: budgets, caps, reservations or the spend ledger (the rest of `governance`), reading
@@ -18,10 +18,6 @@ use crate::providers::TokenUsage;
 
 /// Token counts are priced per this many tokens.
 const TOKENS_PER_PRICE_UNIT: u128 = 1_000_000;
-
-/// Prompt bytes assumed per token by [`estimate`]. English averages about four bytes per token;
-/// three over-counts on purpose so a reservation rarely falls short of the real cost.
-const ESTIMATE_BYTES_PER_TOKEN: u64 = 3;
 
 /// A model's prices, each in nano-USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +173,27 @@ impl PriceBook {
         self.models.get(undated).map(|entry| &entry.price)
     }
 
+    /// A price no model of `provider` exceeds: each rate and the output limit is the highest
+    /// any of its entries has (over the whole book when `provider` is `None` or lists nothing).
+    /// What a model the book lacks is reserved at, so an alias cannot be cheaper to admit than
+    /// the model the upstream answers with.
+    pub fn ceiling(&self, provider: Option<&str>) -> Option<ModelPrice> {
+        let of_provider = |p: &&ProviderPrice| provider.is_none_or(|name| p.provider == name);
+        let mut entries = self.models.values().filter(of_provider).peekable();
+        let entries: Box<dyn Iterator<Item = &ProviderPrice>> = if entries.peek().is_some() {
+            Box::new(entries)
+        } else {
+            Box::new(self.models.values())
+        };
+        entries.map(|p| p.price).reduce(|a, b| ModelPrice {
+            input: a.input.max(b.input),
+            output: a.output.max(b.output),
+            cache_read: a.cache_read.max(b.cache_read),
+            cache_write: a.cache_write.max(b.cache_write),
+            output_limit: a.output_limit.max(b.output_limit),
+        })
+    }
+
     /// Every priced model, ordered by model id.
     pub fn iter(&self) -> impl Iterator<Item = ListedPrice<'_>> {
         self.models.iter().map(|(model, entry)| ListedPrice {
@@ -269,16 +286,51 @@ pub fn cost(usage: &TokenUsage, price: &ModelPrice) -> NanoUsd {
     NanoUsd(i64::try_from(nano_usd).unwrap_or(i64::MAX))
 }
 
-/// An upper estimate of a request's cost before it runs, for spend reservations: the prompt as
-/// `prompt_bytes / 3` input tokens (rounded up; real text averages about four bytes per token)
-/// plus `max_output_tokens` output tokens, rounded up like [`cost`].
-pub fn estimate(prompt_bytes: u64, max_output_tokens: u64, price: &ModelPrice) -> NanoUsd {
-    let usage = TokenUsage {
-        input: prompt_bytes.div_ceil(ESTIMATE_BYTES_PER_TOKEN),
-        output: max_output_tokens,
-        ..TokenUsage::default()
-    };
-    cost(&usage, price)
+/// Tokens a provider adds to a request beyond its body (chat framing, the tool-use system
+/// prompt Anthropic inserts when tools are given: about 350 tokens).
+pub const REQUEST_OVERHEAD_TOKENS: u64 = 512;
+
+/// Tokens one inline image or audio clip may cost at most. A picture is priced by its pixels,
+/// not its bytes: OpenAI's high-detail tiles reach about 1,500 tokens, its patch-based models
+/// about 2,500, Anthropic about 1,600.
+pub const MEDIA_PART_TOKENS: u64 = 4096;
+
+/// The most a request can cost, as far as its body shows: what a spend reservation holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostBound {
+    /// Body bytes (every token is at least one byte), plus [`MEDIA_PART_TOKENS`] per inline
+    /// media part and [`REQUEST_OVERHEAD_TOKENS`].
+    pub input_tokens: u64,
+    /// The output limit (the request's, else the model's) times the number of choices.
+    pub output_tokens: u64,
+}
+
+impl CostBound {
+    pub fn new(body_bytes: u64, media_parts: u32, output_cap: u64, choices: u64) -> CostBound {
+        CostBound {
+            input_tokens: body_bytes
+                .saturating_add(u64::from(media_parts).saturating_mul(MEDIA_PART_TOKENS))
+                .saturating_add(REQUEST_OVERHEAD_TOKENS),
+            output_tokens: output_cap.saturating_mul(choices.max(1)),
+        }
+    }
+
+    /// The bound in money at `price`. Input is priced at the dearest input rate (a prompt may
+    /// all be written to the provider's cache, which costs more than plain input).
+    pub fn cost(&self, price: &ModelPrice) -> NanoUsd {
+        let dearest_input = price.input.max(price.cache_write).max(price.cache_read);
+        cost(
+            &TokenUsage {
+                input: self.input_tokens,
+                output: self.output_tokens,
+                ..TokenUsage::default()
+            },
+            &ModelPrice {
+                input: dearest_input,
+                ..*price
+            },
+        )
+    }
 }
 
 #[cfg(test)]
@@ -510,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn estimate_over_counts_the_prompt_and_rounds_up() {
+    fn the_bound_counts_every_byte_media_and_choices_at_the_dearest_input_rate() {
         let price = ModelPrice {
             input: usd("3.00"),
             output: usd("15.00"),
@@ -518,17 +570,41 @@ mod tests {
             cache_write: usd("3.75"),
             output_limit: None,
         };
-        // 10 bytes → ⌈10/3⌉ = 4 tokens × 3_000_000_000 = 12_000_000_000
-        // 100 output tokens × 15_000_000_000        = 1_500_000_000_000
-        //                                       sum = 1_512_000_000_000 ÷ 10⁶ = 1_512_000
-        assert_eq!(estimate(10, 100, &price), NanoUsd(1_512_000));
-        assert_eq!(estimate(0, 0, &price), NanoUsd::ZERO);
-        // 1 byte → 1 token at $0.000001/M → 0.001 nano → 1 nano.
-        assert_eq!(estimate(1, 0, &flat_price(usd("0.000001"))), NanoUsd(1));
+        let bound = CostBound::new(1000, 2, 100, 3);
         assert_eq!(
-            estimate(u64::MAX, u64::MAX, &flat_price(NanoUsd::MAX)),
+            bound.input_tokens,
+            1000 + 2 * MEDIA_PART_TOKENS + REQUEST_OVERHEAD_TOKENS
+        );
+        assert_eq!(bound.output_tokens, 300);
+        // (9704 × 3.75 + 300 × 15) $/M = 0.036390 + 0.0045 = $0.04089
+        assert_eq!(bound.cost(&price), NanoUsd(40_890_000));
+        // No `n` means one choice; nothing saturates into a wrap.
+        assert_eq!(CostBound::new(0, 0, 10, 0).output_tokens, 10);
+        assert_eq!(
+            CostBound::new(u64::MAX, u32::MAX, u64::MAX, u64::MAX).cost(&flat_price(NanoUsd::MAX)),
             NanoUsd::MAX
         );
+    }
+
+    #[test]
+    fn the_ceiling_is_the_dearest_rate_of_the_provider() {
+        let mut book = PriceBook::default();
+        let p = |i: &str, o: &str, limit| ModelPrice {
+            input: usd(i),
+            output: usd(o),
+            cache_read: usd(i),
+            cache_write: usd(i),
+            output_limit: limit,
+        };
+        book.insert("openai", "cheap-in", p("1", "40", Some(1000)));
+        book.insert("openai", "dear-in", p("10", "20", Some(64000)));
+        book.insert("anthropic", "claude-x", p("100", "100", Some(8000)));
+        let openai = book.ceiling(Some("openai")).unwrap();
+        assert_eq!(openai, p("10", "40", Some(64000)));
+        // An unknown provider name, or none, takes the whole book.
+        assert_eq!(book.ceiling(Some("vllm")), book.ceiling(None));
+        assert_eq!(book.ceiling(None).unwrap(), p("100", "100", Some(64000)));
+        assert_eq!(PriceBook::default().ceiling(None), None);
     }
 
     #[test]

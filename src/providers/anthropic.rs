@@ -14,9 +14,10 @@ use http::Method;
 use serde_json::Value;
 
 use super::openai::{
-    array_field, count_at, is_one_segment_under, parse_request_object, str_field, string_field,
-    text_content, BlockingJsonParser, NoResponseDetails, TextBudget,
+    array_field, count_at, is_one_segment_under, str_field, string_field, text_content,
+    BlockingJsonParser, NoResponseDetails, TextBudget,
 };
+use super::request_body::parse_request_object;
 use super::{
     CredentialHeader, Endpoint, ParsedRequest, Provider, RequestError, ResponseParser,
     ResponseSummary, RouteMatch, Thought, ThoughtSource, TokenUsage, ToolCall,
@@ -229,6 +230,7 @@ fn messages_summary(response: &Value) -> ResponseSummary {
         usage: response.get("usage").and_then(messages_usage),
         tool_calls,
         thoughts,
+        ..ResponseSummary::default()
     }
 }
 
@@ -243,9 +245,13 @@ struct MessagesStreamState {
     response_id: Option<String>,
     model: Option<String>,
     usage: Option<TokenUsage>,
+    /// `message_delta` brought the final output count.
+    usage_final: bool,
     /// By content block `index`.
     blocks: BTreeMap<u64, ContentBlock>,
     budget: TextBudget,
+    output_bytes: u64,
+    ended: bool,
 }
 
 impl MessagesStreamState {
@@ -276,14 +282,30 @@ impl MessagesStreamState {
                     }
                 }
             }
-            "content_block_delta" => self.apply_block_delta(&payload),
+            "content_block_delta" => {
+                self.count_output(&payload);
+                self.apply_block_delta(&payload);
+            }
+            "message_stop" => self.ended = true,
             "message_delta" => {
                 if let Some(delta_usage) = payload.get("usage").filter(|usage| usage.is_object()) {
                     self.apply_usage_delta(delta_usage);
                 }
             }
-            // `error` (overloaded mid-stream), `ping`, `content_block_stop`, `message_stop`.
+            // `error` (overloaded mid-stream), `ping`, `content_block_stop`.
             _ => {}
+        }
+    }
+
+    /// Generated text of any block (text, tool input, thinking, citations), counted whether or
+    /// not the block is one Tollgate records.
+    fn count_output(&mut self, payload: &Value) {
+        if let Some(delta) = payload.get("delta") {
+            self.output_bytes += ["text", "partial_json", "thinking"]
+                .iter()
+                .filter_map(|key| str_field(delta, key))
+                .map(|text| text.len() as u64)
+                .sum::<u64>();
         }
     }
 
@@ -316,6 +338,7 @@ impl MessagesStreamState {
     /// `output_tokens` is cumulative (replace, never add). Newer API versions also repeat the
     /// input and cache counts here; a non-zero value there is the more recent word.
     fn apply_usage_delta(&mut self, delta: &Value) {
+        self.usage_final = true;
         let usage = self.usage.get_or_insert_with(TokenUsage::default);
         if let Some(output) = delta.get("output_tokens").and_then(Value::as_u64) {
             usage.output = output;
@@ -339,6 +362,10 @@ impl ResponseParser for MessagesStreamParser {
         self.sse.feed(chunk, |event| state.on_event(event));
     }
 
+    fn ended(&self) -> bool {
+        self.state.ended
+    }
+
     fn finish(&mut self) -> ResponseSummary {
         self.sse.finish(|_| {});
         let state = std::mem::take(&mut self.state);
@@ -346,9 +373,12 @@ impl ResponseParser for MessagesStreamParser {
         ResponseSummary {
             response_id: state.response_id,
             model: state.model,
-            usage: state.usage,
+            usage: state.usage.filter(|_| state.usage_final),
+            partial_usage: state.usage.filter(|_| !state.usage_final),
             tool_calls,
             thoughts,
+            output_bytes: state.output_bytes,
+            ended: state.ended,
         }
     }
 }
@@ -357,8 +387,8 @@ impl ResponseParser for MessagesStreamParser {
 mod tests {
     use super::*;
     use crate::providers::openai::tests::{
-        assert_matches_manifest, assert_rechunking_invariant, cut_before, summarise_chunks,
-        with_comments, with_crlf,
+        assert_matches_manifest, assert_rechunking_invariant, content, cut_before,
+        summarise_chunks, with_comments, with_crlf,
     };
     use proptest::prelude::*;
 
@@ -427,6 +457,7 @@ mod tests {
                 tool_result_ids: vec!["toolu_1".into(), "toolu_2".into()],
                 metadata_user_id: Some("user_abc_account_1_session_2".into()),
                 client_requested_usage: false,
+                ..ParsedRequest::default()
             }
         );
         assert_eq!(
@@ -486,7 +517,12 @@ mod tests {
         assert_matches_manifest(&blocking, "anthropic-messages.json");
         let stream = summarise(true, MESSAGES_STREAM);
         assert_matches_manifest(&stream, "anthropic-messages-stream.sse");
-        assert_eq!(stream, blocking);
+        assert_eq!(content(stream.clone()), content(blocking));
+        assert!(stream.ended);
+        assert_eq!(
+            stream.output_bytes, 136,
+            "thinking, text and tool input deltas"
+        );
         assert_eq!(
             stream.tool_calls[0].input,
             r#"{"max_lines":200,"path":"tests/retry.rs"}"#
@@ -506,9 +542,11 @@ mod tests {
     fn cut_stream_keeps_what_was_seen() {
         let cut = cut_before(MESSAGES_STREAM, "\"partial_json\":\"\\\"max_line\"");
         let summary = summarise(true, &cut);
-        // Input and cache counts are known from message_start; output is still the provisional 1.
+        // Input and cache counts are known from message_start; output is still the provisional
+        // 1: a partial report, not the final one (the gateway estimates the output).
+        assert_eq!(summary.usage, None);
         assert_eq!(
-            summary.usage,
+            summary.partial_usage,
             Some(TokenUsage {
                 input: 420,
                 output: 1,
@@ -568,7 +606,7 @@ event: message_delta
 data: {"type":"message_delta","delta":{},"usage":{"output_tokens":2}}
 
 "#;
-        assert_eq!(summarise(true, stream), blocking);
+        assert_eq!(content(summarise(true, stream)), content(blocking));
     }
 
     #[test]
@@ -618,9 +656,15 @@ data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta"
         );
         assert_eq!(summarise(true, &stream), summarise(true, &cut));
 
-        assert_eq!(summarise(false, OVERLOADED), ResponseSummary::default());
+        assert_eq!(
+            content(summarise(false, OVERLOADED)),
+            ResponseSummary::default()
+        );
         assert_eq!(summarise(true, OVERLOADED), ResponseSummary::default());
-        assert_eq!(summarise(false, b"\xff\x00{"), ResponseSummary::default());
+        assert_eq!(
+            content(summarise(false, b"\xff\x00{")),
+            ResponseSummary::default()
+        );
     }
 
     #[test]

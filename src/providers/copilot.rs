@@ -64,7 +64,7 @@ impl Provider for Copilot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::openai::tests::{assert_matches_manifest, summarise_chunks};
+    use crate::providers::openai::tests::{assert_matches_manifest, content, summarise_chunks};
     use crate::providers::OpenAi;
 
     const CHAT_TOOLS_STREAM: &[u8] =
@@ -147,8 +147,13 @@ mod tests {
         let stream = summarise_chunks(&Copilot, Endpoint::Responses, true, [RESPONSES_STREAM]);
         assert_matches_manifest(&stream, "openai-responses-stream.sse");
         assert_eq!(
-            stream,
-            summarise_chunks(&Copilot, Endpoint::Responses, false, [RESPONSES])
+            content(stream),
+            content(summarise_chunks(
+                &Copilot,
+                Endpoint::Responses,
+                false,
+                [RESPONSES]
+            ))
         );
     }
 }

@@ -11,6 +11,7 @@
 mod anthropic;
 mod copilot;
 mod openai;
+mod request_body;
 
 use std::fmt;
 
@@ -40,6 +41,16 @@ impl ProviderKind {
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::OpenAiCompatible => "openai-compatible",
             ProviderKind::Copilot => "copilot",
+        }
+    }
+
+    /// The provider name its models carry in the price book, whose dearest model a model the
+    /// book lacks is reserved at; `None`: the whole book (compatible servers, Copilot).
+    pub fn price_family(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::OpenAi => Some("openai"),
+            ProviderKind::Anthropic => Some("anthropic"),
+            ProviderKind::OpenAiCompatible | ProviderKind::Copilot => None,
         }
     }
 
@@ -123,6 +134,38 @@ pub struct TokenUsage {
     pub reasoning: u64,
 }
 
+/// Where an interception's token counts come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The provider's own usage report.
+    #[default]
+    Reported,
+    /// Tollgate's estimate: the response ended without a usage report (client or upstream
+    /// cut, an unreadable or oversized body, a server that reports none) after the request
+    /// reached the provider.
+    Estimated,
+    /// No usage: the request never reached a model, or the upstream refused it.
+    #[serde(rename = "none")]
+    Absent,
+}
+
+impl UsageSource {
+    pub const ALL: [UsageSource; 3] = [
+        UsageSource::Reported,
+        UsageSource::Estimated,
+        UsageSource::Absent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+            UsageSource::Absent => "none",
+        }
+    }
+}
+
 /// What the gateway needs from a request body before it goes upstream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParsedRequest {
@@ -140,6 +183,49 @@ pub struct ParsedRequest {
     pub metadata_user_id: Option<String>,
     /// Chat Completions only: the client itself asked for `stream_options.include_usage`.
     pub client_requested_usage: bool,
+    /// Chat Completions `n`: how many choices are generated (each up to the output limit).
+    /// `None` when not set (one).
+    pub choices: Option<u64>,
+    /// What the gateway can and cannot see of the request's input (see [`InputShape`]).
+    pub input: InputShape,
+}
+
+/// How much of a request's billable input is in its body, for the budget's upper bound.
+///
+/// Text in the body costs at most one token per byte. Inline media does not (a tiny image is
+/// priced by its pixels, up to a few thousand tokens), so those parts are counted. Some input
+/// is not in the body at all: server-side state, files and URLs the provider fetches, tools
+/// the provider runs itself. Such a request's cost has no bound the gateway can compute.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InputShape {
+    /// Inline images and audio clips.
+    pub media_parts: u32,
+    /// The first reason found that the input is not all in the body.
+    pub unseen: Option<UnseenInput>,
+}
+
+/// Why part of a request's input is invisible to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnseenInput {
+    /// Responses `previous_response_id`, `conversation` or a stored `prompt`.
+    ServerState(&'static str),
+    /// An image, file or document the provider fetches by URL or file id.
+    Reference(&'static str),
+    /// An inline document (a PDF is priced per page, not per byte).
+    Document,
+    /// A tool the provider runs itself (web search, code execution, MCP, …).
+    ServerTool(String),
+}
+
+impl fmt::Display for UnseenInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnseenInput::ServerState(field) => write!(f, "server-side state ({field})"),
+            UnseenInput::Reference(kind) => write!(f, "a {kind} the provider fetches itself"),
+            UnseenInput::Document => f.write_str("an inline document"),
+            UnseenInput::ServerTool(tool) => write!(f, "a tool the provider runs ({tool})"),
+        }
+    }
 }
 
 /// Why a request body was refused (400 in the provider's format).
@@ -151,6 +237,14 @@ pub enum RequestError {
     NotObject,
     #[error("request body has no \"model\" string")]
     MissingModel,
+    /// A top-level key given twice: Tollgate reads one and the upstream may read the other, so
+    /// what is priced might not be what is served.
+    #[error("request body has the key \"{0}\" more than once")]
+    DuplicateKey(String),
+    /// Responses `background: true`: the queued response carries no usage and its later
+    /// retrieval cannot be priced, so the call could never be charged.
+    #[error("background responses (\"background\": true) are not supported through this gateway: their usage cannot be metered; send the request without it")]
+    Background,
 }
 
 /// One tool call made by the model, arguments reassembled as the model produced them.
@@ -193,10 +287,22 @@ pub struct ResponseSummary {
     pub response_id: Option<String>,
     /// The model the upstream says answered (may differ from the requested alias).
     pub model: Option<String>,
-    /// `None` when no usage was seen (e.g. a stream cut before its usage event).
+    /// The provider's final usage report; `None` when none was seen (e.g. a stream cut
+    /// before its usage event).
     pub usage: Option<TokenUsage>,
+    /// Counts a stream reported before its final usage, when that never came (Anthropic sends
+    /// input counts first and the output count last): exact where given, provisional for
+    /// output.
+    pub partial_usage: Option<TokenUsage>,
     pub tool_calls: Vec<ToolCall>,
     pub thoughts: Vec<Thought>,
+    /// Bytes of generated output the response carried (text, tool arguments, thoughts; the
+    /// whole body for a blocking response): what an estimate of output tokens starts from when
+    /// the response reported no usage.
+    pub output_bytes: u64,
+    /// The response's own end was seen (`[DONE]`, `response.completed`, `message_stop`, or a
+    /// whole blocking body).
+    pub ended: bool,
 }
 
 /// Incremental response reader. Fed every body chunk as it passes; never blocks the stream.
@@ -205,6 +311,11 @@ pub trait ResponseParser: Send + Sync {
     fn feed(&mut self, chunk: &[u8]);
     /// What was seen so far. Called once, at the end (also after an abort: partial values).
     fn finish(&mut self) -> ResponseSummary;
+    /// Whether the response's final event has been fed (streams); the gateway then knows the
+    /// client has the whole answer once those bytes are written.
+    fn ended(&self) -> bool {
+        false
+    }
 }
 
 /// One provider's wire format.

@@ -16,6 +16,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::request_body::parse_request_object;
 use super::{
     CredentialHeader, Endpoint, ParsedRequest, Provider, ProviderKind, RequestError,
     ResponseParser, ResponseSummary, RouteMatch, Thought, ThoughtSource, TokenUsage, ToolCall,
@@ -126,37 +127,6 @@ pub(super) fn is_one_segment_under(path: &str, prefix: &str) -> bool {
 // Requests
 // ---------------------------------------------------------------------------------------------
 
-/// Reads the part of a request every endpoint shares: a JSON object with a non-empty `model`
-/// string and an optional `stream` flag. An empty model is treated as missing: nothing can be
-/// routed or priced under it.
-pub(super) fn parse_request_object(
-    body: &[u8],
-) -> Result<(Map<String, Value>, ParsedRequest), RequestError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
-    let Value::Object(object) = value else {
-        return Err(RequestError::NotObject);
-    };
-    let model = object
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|model| !model.is_empty())
-        .ok_or(RequestError::MissingModel)?
-        .to_owned();
-    let stream = object
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok((
-        object,
-        ParsedRequest {
-            model,
-            stream,
-            ..ParsedRequest::default()
-        },
-    ))
-}
-
 /// The text of a message `content`: the string itself, or the `text` of the parts whose `type`
 /// is one of `part_types`, joined with "\n". `None` when there is no text part.
 pub(super) fn text_content(content: &Value, part_types: &[&str]) -> Option<String> {
@@ -232,6 +202,7 @@ pub(super) fn parse_chat_request(body: &[u8]) -> Result<ParsedRequest, RequestEr
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         == Some(true);
+    parsed.choices = request.get("n").and_then(Value::as_u64);
     Ok(parsed)
 }
 
@@ -241,6 +212,9 @@ const TOOL_OUTPUT_ITEM_TYPES: [&str; 2] = ["function_call_output", "custom_tool_
 
 pub(super) fn parse_responses_request(body: &[u8]) -> Result<ParsedRequest, RequestError> {
     let (object, mut parsed) = parse_request_object(body)?;
+    if object.get("background").and_then(Value::as_bool) == Some(true) {
+        return Err(RequestError::Background);
+    }
     let request = Value::Object(object);
     parsed.max_output_tokens = request.get("max_output_tokens").and_then(Value::as_u64);
     match request.get("input") {
@@ -311,6 +285,8 @@ type NarrowSummary = fn(&[u8]) -> Option<ResponseSummary>;
 /// A body that is too large, cut, or not JSON (an HTML error page) gives an empty summary.
 pub(super) struct BlockingJsonParser {
     body: Vec<u8>,
+    /// Every byte fed, kept or not: the output an estimate starts from.
+    fed: u64,
     too_large: bool,
     summarise: fn(&Value) -> ResponseSummary,
     /// `summarise` without parsing the whole body (`None`: a body it does not take).
@@ -321,6 +297,7 @@ impl BlockingJsonParser {
     pub(super) fn new(summarise: fn(&Value) -> ResponseSummary) -> Self {
         BlockingJsonParser {
             body: Vec::new(),
+            fed: 0,
             too_large: false,
             summarise,
             narrow: None,
@@ -336,6 +313,7 @@ impl BlockingJsonParser {
 
 impl ResponseParser for BlockingJsonParser {
     fn feed(&mut self, chunk: &[u8]) {
+        self.fed = self.fed.saturating_add(chunk.len() as u64);
         if self.too_large {
             return;
         }
@@ -349,15 +327,21 @@ impl ResponseParser for BlockingJsonParser {
 
     fn finish(&mut self) -> ResponseSummary {
         let body = std::mem::take(&mut self.body);
-        if self.too_large {
-            return ResponseSummary::default();
+        let whole = if self.too_large {
+            None
+        } else if let Some(summary) = self.narrow.and_then(|narrow| narrow(&body)) {
+            Some(summary)
+        } else {
+            serde_json::from_slice::<Value>(&body)
+                .ok()
+                .map(|response| (self.summarise)(&response))
+        };
+        let ended = whole.is_some();
+        ResponseSummary {
+            output_bytes: self.fed,
+            ended,
+            ..whole.unwrap_or_default()
         }
-        if let Some(summary) = self.narrow.and_then(|narrow| narrow(&body)) {
-            return summary;
-        }
-        serde_json::from_slice::<Value>(&body)
-            .map(|response| (self.summarise)(&response))
-            .unwrap_or_default()
     }
 }
 
@@ -532,7 +516,7 @@ fn chat_body_summary(body: &[u8]) -> Option<ResponseSummary> {
         model: text(body.model),
         usage,
         tool_calls,
-        thoughts: Vec::new(),
+        ..ResponseSummary::default()
     })
 }
 
@@ -617,7 +601,7 @@ pub(super) fn chat_summary(response: &Value) -> ResponseSummary {
         model: string_field(response, "model"),
         usage: response.get("usage").and_then(chat_usage),
         tool_calls,
-        thoughts: Vec::new(),
+        ..ResponseSummary::default()
     }
 }
 
@@ -643,11 +627,14 @@ struct ChatStreamState {
     usage: Option<TokenUsage>,
     tool_calls: BTreeMap<(u64, u64), StreamedChatToolCall>,
     budget: TextBudget,
+    output_bytes: u64,
+    ended: bool,
 }
 
 impl ChatStreamState {
     fn on_event(&mut self, event: SseEvent<'_>) {
         if event.data == b"[DONE]" {
+            self.ended = true;
             return;
         }
         let Ok(chunk) = serde_json::from_slice::<Value>(event.data) else {
@@ -664,6 +651,11 @@ impl ChatStreamState {
             self.usage = Some(usage);
         }
         for choice in array_field(&chunk, "choices") {
+            self.output_bytes += ["content", "refusal", "reasoning_content", "reasoning"]
+                .iter()
+                .filter_map(|key| choice.get("delta").and_then(|d| str_field(d, key)))
+                .map(|text| text.len() as u64)
+                .sum::<u64>();
             let choice_index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let deltas = choice
                 .pointer("/delta/tool_calls")
@@ -689,6 +681,7 @@ impl ChatStreamState {
             .pointer("/function/arguments")
             .and_then(Value::as_str)
             .unwrap_or_default();
+        self.output_bytes += (name.len() + arguments.len()) as u64;
         if !self.tool_calls.contains_key(&key) && !self.budget.try_spend_slot(0) {
             return;
         }
@@ -710,6 +703,10 @@ impl ResponseParser for ChatStreamParser {
         self.sse.feed(chunk, |event| state.on_event(event));
     }
 
+    fn ended(&self) -> bool {
+        self.state.ended
+    }
+
     fn finish(&mut self) -> ResponseSummary {
         self.sse.finish(|_| {});
         let state = std::mem::take(&mut self.state);
@@ -727,6 +724,9 @@ impl ResponseParser for ChatStreamParser {
                 })
                 .collect(),
             thoughts: Vec::new(),
+            output_bytes: state.output_bytes,
+            ended: state.ended,
+            partial_usage: None,
         }
     }
 }
@@ -830,6 +830,7 @@ pub(super) fn responses_summary(response: &Value) -> ResponseSummary {
         usage: response.get("usage").and_then(responses_usage),
         tool_calls,
         thoughts,
+        ..ResponseSummary::default()
     }
 }
 
@@ -849,6 +850,7 @@ struct ResponsesStreamState {
     items: BTreeMap<u64, (Option<String>, OutputItem)>,
     terminal: Option<ResponseSummary>,
     budget: TextBudget,
+    output_bytes: u64,
 }
 
 impl ResponsesStreamState {
@@ -859,6 +861,13 @@ impl ResponsesStreamState {
         let kind = str_field(&payload, "type")
             .or(event.event)
             .unwrap_or_default();
+        // Every kind of generated output (text, refusals, tool arguments, reasoning, audio
+        // transcripts) streams as `*.delta` events with a string `delta`.
+        if kind.ends_with(".delta") {
+            if let Some(delta) = str_field(&payload, "delta") {
+                self.output_bytes += delta.len() as u64;
+            }
+        }
         match kind {
             "response.created" | "response.in_progress" => {
                 if let Some(response) = payload.get("response") {
@@ -956,12 +965,18 @@ impl ResponseParser for ResponsesStreamParser {
         self.sse.feed(chunk, |event| state.on_event(event));
     }
 
+    fn ended(&self) -> bool {
+        self.state.terminal.is_some()
+    }
+
     fn finish(&mut self) -> ResponseSummary {
         self.sse.finish(|_| {});
         let state = std::mem::take(&mut self.state);
         if let Some(mut terminal) = state.terminal {
             terminal.response_id = terminal.response_id.or(state.response_id);
             terminal.model = terminal.model.or(state.model);
+            terminal.output_bytes = state.output_bytes;
+            terminal.ended = true;
             return terminal;
         }
         let (tool_calls, thoughts) =
@@ -972,6 +987,9 @@ impl ResponseParser for ResponsesStreamParser {
             usage: None,
             tool_calls,
             thoughts,
+            output_bytes: state.output_bytes,
+            ended: false,
+            partial_usage: None,
         }
     }
 }
@@ -1154,6 +1172,7 @@ fn is_usage_only_chunk(data: &[u8]) -> bool {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::providers::{InputShape, UnseenInput};
     use proptest::prelude::*;
 
     pub(in crate::providers) const MANIFEST: &str =
@@ -1225,6 +1244,16 @@ pub(super) mod tests {
             .map(|t| t.as_str().unwrap())
             .collect();
         assert_eq!(thoughts, expected_thoughts, "{fixture} thoughts");
+    }
+
+    /// A summary's content, without how much output it carried or whether it ended (a stream
+    /// and its blocking twin differ in both by nature).
+    pub(in crate::providers) fn content(summary: ResponseSummary) -> ResponseSummary {
+        ResponseSummary {
+            output_bytes: 0,
+            ended: false,
+            ..summary
+        }
     }
 
     pub(in crate::providers) fn summarise_chunks<'a>(
@@ -1421,6 +1450,12 @@ pub(super) mod tests {
                 tool_result_ids: vec!["call_a".into(), "call_b".into()],
                 metadata_user_id: None,
                 client_requested_usage: true,
+                choices: None,
+                // The image part is a URL: the provider fetches it, so its cost is unseen.
+                input: InputShape {
+                    media_parts: 0,
+                    unseen: Some(UnseenInput::Reference("image")),
+                },
             }
         );
     }
@@ -1597,7 +1632,10 @@ pub(super) mod tests {
     fn stream_fixtures_match_manifest_and_their_twins() {
         let chat = summarise(Endpoint::ChatCompletions, true, CHAT_STREAM);
         assert_matches_manifest(&chat, "openai-chat-stream.sse");
-        assert_eq!(chat, summarise(Endpoint::ChatCompletions, false, CHAT));
+        assert_eq!(
+            content(chat.clone()),
+            content(summarise(Endpoint::ChatCompletions, false, CHAT))
+        );
 
         let tools = summarise(Endpoint::ChatCompletions, true, CHAT_TOOLS_STREAM);
         assert_matches_manifest(&tools, "openai-chat-tools-stream.sse");
@@ -1609,7 +1647,18 @@ pub(super) mod tests {
 
         let responses = summarise(Endpoint::Responses, true, RESPONSES_STREAM);
         assert_matches_manifest(&responses, "openai-responses-stream.sse");
-        assert_eq!(responses, summarise(Endpoint::Responses, false, RESPONSES));
+        assert_eq!(
+            content(responses.clone()),
+            content(summarise(Endpoint::Responses, false, RESPONSES))
+        );
+        // What each carried and that each ended.
+        assert!(responses.ended && chat.ended);
+        assert_eq!(chat.output_bytes, 78, "the content deltas");
+        assert_eq!(
+            summarise(Endpoint::ChatCompletions, false, CHAT).output_bytes,
+            CHAT.len() as u64,
+            "a blocking body is all output"
+        );
     }
 
     #[test]
@@ -1712,7 +1761,12 @@ pub(super) mod tests {
                 .unwrap_or_default();
             let mut parser = response_parser(Endpoint::ChatCompletions, false);
             parser.feed(body);
-            assert_eq!(parser.finish(), whole, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                content(parser.finish()),
+                whole,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         assert!(
             chat_body_summary(CHAT).is_some(),
@@ -1752,6 +1806,9 @@ pub(super) mod tests {
                     },
                 ],
                 thoughts: vec![],
+                output_bytes: body.len() as u64,
+                ended: true,
+                partial_usage: None,
             }
         );
     }
@@ -1789,12 +1846,14 @@ pub(super) mod tests {
         let nearly = cut_before(RESPONSES_STREAM, "\"type\":\"response.completed\"");
         let summary = summarise(Endpoint::Responses, true, &nearly);
         let blocking = summarise(Endpoint::Responses, false, RESPONSES);
+        assert!(!summary.ended, "no terminal event");
+        assert!(summary.output_bytes > 0, "but output was streamed");
         assert_eq!(
-            summary,
-            ResponseSummary {
+            content(summary),
+            content(ResponseSummary {
                 usage: None,
                 ..blocking
-            }
+            })
         );
 
         // Cut mid reasoning summary: the thought so far.
@@ -1879,7 +1938,11 @@ data: {\"type\":\"response.completed\",\"response\":[]}\n\n";
             parser.feed(&filler);
         }
         parser.feed(b"\"usage\":{\"prompt_tokens\":1}}");
-        assert_eq!(parser.finish(), ResponseSummary::default());
+        let summary = parser.finish();
+        assert_eq!(content(summary.clone()), ResponseSummary::default());
+        // Not parsed, but every byte counts towards an output estimate.
+        assert_eq!(summary.output_bytes, 10 + 33 * (1 << 20) + 28);
+        assert!(!summary.ended);
     }
 
     #[test]
@@ -1950,7 +2013,7 @@ data: {\"type\":\"response.completed\",\"response\":[]}\n\n";
             let text = serde_json::to_vec(&body).unwrap();
             let mut parser = response_parser(Endpoint::ChatCompletions, false);
             parser.feed(&text);
-            prop_assert_eq!(parser.finish(), chat_summary(&body));
+            prop_assert_eq!(content(parser.finish()), chat_summary(&body));
         }
     }
 

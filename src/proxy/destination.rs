@@ -6,7 +6,7 @@
 //! `proxy.allowed_private_cidrs`. The check runs on every *resolved* address, and the tunnel
 //! connects to exactly the address that passed, so DNS cannot swap in another one in between.
 //!
-//! Not here: resolution and connecting (`tunnel`), or MITM hosts (never resolved by the proxy).
+//! Not here: resolution and connecting (`tunnel`), or the addresses of MITM hosts (`governed`).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -160,7 +160,7 @@ const NAT64: Cidr = Cidr::v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96);
 const SIX_TO_FOUR: Cidr = Cidr::v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16);
 
 /// The IPv4 address an IPv6 address stands for, if it embeds one.
-fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+pub(crate) fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let o = ip.octets();
     let v6 = IpAddr::V6(ip);
     if V4_MAPPED.contains(v6) || NAT64.contains(v6) {

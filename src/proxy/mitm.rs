@@ -58,8 +58,15 @@ impl MitmHosts {
         Ok(MitmHosts { hosts })
     }
 
+    /// The host for a name as CONNECT targets and SNI names are normalised (lowercase, no
+    /// trailing dot).
     pub fn get(&self, host: &str) -> Option<&MitmHost> {
         self.hosts.get(host)
+    }
+
+    /// Every MITM host name (to resolve their addresses, `governed`).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.hosts.keys().map(String::as_str)
     }
 
     pub fn len(&self) -> usize {

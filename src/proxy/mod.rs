@@ -18,15 +18,23 @@
 //!    listener's loop (every head bounded in time and size), HTTP/2 through a pingora
 //!    `HttpProxy` (its header lists capped at `server.max_request_head_bytes`).
 //! 5. Any other CONNECT: refused when `proxy.tunnel = "deny"`; else resolved, checked against
-//!    the destination policy ([`destination`]) and tunnelled unchanged ([`tunnel`]).
+//!    the destination policy ([`destination`]) and connected, then `200`. The client's first
+//!    bytes are read ([`client_hello`], within the handshake timeout) and judged ([`governed`]):
+//!    a ClientHello naming a MITM host is intercepted as in step 4 (key required), a tunnel to
+//!    a MITM host's address must name another host in clear, anything else is tunnelled
+//!    unchanged with those bytes replayed ([`tunnel`]).
 //!
-//! Every refusal is a [`ConnectRefusal`], rendered in one place ([`respond`]) as a small
-//! plain-text HTTP/1.1 response followed by a close. Nothing a client sends can panic this
-//! path: every parse returns an error, every wait has a timeout, every buffer a bound.
+//! Every refusal before `200` is a [`ConnectRefusal`], rendered in one place ([`respond`]) as a
+//! small plain-text HTTP/1.1 response followed by a close; a tunnel refused after `200` is a
+//! [`TunnelRefusal`], answered with a TLS alert or a bare close ([`ForwardProxy::refuse_tunnel`]).
+//! Nothing a client sends can panic this path: every parse returns an error, every wait has a
+//! timeout, every buffer a bound.
 //!
 //! Not here: request handling inside the tunnel (`gateway`), certificates (`tls`).
 
+pub mod client_hello;
 pub mod destination;
+mod governed;
 mod head;
 mod mitm;
 mod stream;
@@ -53,7 +61,9 @@ use crate::gateway::{Gateway, GatewayListener, GatewayState};
 use crate::telemetry::metric;
 use crate::tls::{LeafCertCache, MitmCa, TlsError};
 
+use client_hello::ReadHelloError;
 use destination::DestinationPolicy;
+use governed::{GovernedAddresses, TunnelRefusal, Verdict};
 pub use head::{parse_head, proxy_key, Authority, HeadError, RequestHead};
 use mitm::{MitmHost, MitmHosts};
 use stream::PrefixedStream;
@@ -63,6 +73,10 @@ use tunnel::{DialError, TunnelEnd};
 const LEAF_CACHE_CAPACITY: usize = 1024;
 /// Resolving and connecting to a tunnel destination.
 const TUNNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the MITM hosts' addresses to be resolved again (it runs while the client
+/// sends its ClientHello); past it, the addresses known so far decide.
+const GOVERNED_LOOKUP_WAIT: Duration = Duration::from_secs(2);
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyStartError {
@@ -164,6 +178,8 @@ pub struct ForwardProxy {
     state: Arc<GatewayState>,
     settings: ProxySettings,
     mitm: MitmHosts,
+    /// The MITM hosts' addresses, so a tunnel cannot reach them blind.
+    governed: GovernedAddresses,
     /// The listener's own TLS (an `https://` proxy URL).
     listener_tls: Option<Acceptor>,
     /// The gateway for requests that are not CONNECT.
@@ -203,6 +219,7 @@ impl ForwardProxy {
         let (subject, intermediates) = (ca.subject().to_string(), ca.intermediates().len());
         let leaves = Arc::new(LeafCertCache::new(ca, LEAF_CACHE_CAPACITY));
         let mitm = MitmHosts::new(&state, &leaves).map_err(ProxyStartError::Ca)?;
+        let governed = GovernedAddresses::new(mitm.names().map(String::from));
         tracing::info!(ca = %subject, intermediates, mitm_hosts = mitm.len(), "proxy CA loaded");
         let listener_tls = match &config.tls {
             Some(files) => {
@@ -225,6 +242,7 @@ impl ForwardProxy {
                 allowed_ports: config.allowed_ports.clone(),
             },
             mitm,
+            governed,
             listener_tls,
             gateway,
             heads,
@@ -336,7 +354,10 @@ impl ForwardProxy {
                 self.intercept(stream, &peer, &target, host, key, early, shutdown)
                     .await
             }
-            None => self.tunnel(stream, &peer, &target, early).await,
+            None => {
+                self.tunnel(stream, &peer, &target, &head, early, shutdown)
+                    .await
+            }
         }
     }
 
@@ -388,6 +409,30 @@ impl ForwardProxy {
         if write_established(&mut stream).await.is_err() {
             return;
         }
+        let session = MitmSession {
+            peer,
+            target,
+            host,
+            key,
+        };
+        self.decrypt(stream, session, early, shutdown).await
+    }
+
+    /// After `200`: the client's TLS handshake with a leaf for the session's host (the bytes in
+    /// `early` first), then the gateway for that host's provider, as the key's owner.
+    async fn decrypt(
+        &self,
+        mut stream: Stream,
+        session: MitmSession<'_>,
+        early: Bytes,
+        shutdown: &ShutdownWatch,
+    ) {
+        let MitmSession {
+            peer,
+            target,
+            host,
+            key,
+        } = session;
         let deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
         // The first byte says whether a TLS handshake follows; plain HTTP gets a readable answer.
         let early = if early.is_empty() {
@@ -459,8 +504,18 @@ impl ForwardProxy {
         Arc::new(proxy).process_new(decrypted, shutdown).await;
     }
 
-    /// An opaque tunnel to a host Tollgate does not intercept.
-    async fn tunnel(&self, mut stream: Stream, peer: &str, target: &Authority, early: Bytes) {
+    /// A CONNECT to a host Tollgate does not intercept: connected, then judged on the client's
+    /// first bytes (see the module docs): tunnelled unchanged, intercepted, or refused.
+    #[allow(clippy::too_many_arguments)]
+    async fn tunnel(
+        &self,
+        mut stream: Stream,
+        peer: &str,
+        target: &Authority,
+        head: &RequestHead,
+        early: Bytes,
+        shutdown: &ShutdownWatch,
+    ) {
         if self.settings.tunnel == TunnelPolicy::Deny {
             let refusal = ConnectRefusal::TunnelDenied(target.to_string());
             return self.deny(stream, peer, Some(target), refusal).await;
@@ -470,12 +525,64 @@ impl ForwardProxy {
                 Ok(c) => c,
                 Err(e) => return self.deny(stream, peer, Some(target), e.into()).await,
             };
-        metrics::counter!(metric::PROXY_CONNECTS_TOTAL, "mode" => "tunnel").increment(1);
-        tracing::info!(peer = %peer, target = %target, addr = %addr, mode = "tunnel", "proxy connect");
         if write_established(&mut stream).await.is_err() {
             return;
         }
-        if !early.is_empty() && upstream.write_all(&early).await.is_err() {
+        // Waiting for a ClientHello that never comes must not open the tunnel, or a client
+        // would simply wait to get past the checks.
+        let timeout = self.settings.handshake_timeout;
+        let (first, governed) = tokio::join!(
+            client_hello::read_first_bytes(&mut stream, &early, timeout),
+            self.governed
+                .lookup(addr.ip(), GOVERNED_LOOKUP_WAIT.min(timeout)),
+        );
+        let (first, replay) = match first {
+            Ok(read) => read,
+            Err(ReadHelloError::TimedOut(after)) => {
+                let refusal = TunnelRefusal::NoFirstMessage(after);
+                return self.refuse_tunnel(stream, peer, target, refusal).await;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, target = %target, error = %e, "tunnel ended before its first message");
+                return;
+            }
+        };
+        let server_name = match &first {
+            client_hello::FirstBytes::ClientHello(hello) => hello.server_name.clone(),
+            _ => None,
+        };
+        match governed::judge(&first, |name| self.mitm.get(name), governed) {
+            Verdict::Tunnel => {}
+            Verdict::Refuse(refusal) => {
+                return self.refuse_tunnel(stream, peer, target, refusal).await
+            }
+            Verdict::Intercept { host, server_name } => {
+                drop(upstream);
+                let key = match self.check_key(head, ClientKey::of_stream(&stream)).await {
+                    Ok(key) => key,
+                    Err(refusal) => {
+                        let refusal = TunnelRefusal::GovernedHostBySni {
+                            server_name,
+                            cause: refusal.to_string(),
+                        };
+                        return self.refuse_tunnel(stream, peer, target, refusal).await;
+                    }
+                };
+                metrics::counter!(metric::PROXY_CONNECTS_TOTAL, "mode" => "mitm").increment(1);
+                tracing::info!(peer = %peer, target = %target, sni = %server_name, provider = %host.provider.name, mode = "mitm", "proxy connect");
+                let session = MitmSession {
+                    peer,
+                    target,
+                    host,
+                    key,
+                };
+                return self.decrypt(stream, session, replay, shutdown).await;
+            }
+        }
+        metrics::counter!(metric::PROXY_CONNECTS_TOTAL, "mode" => "tunnel").increment(1);
+        let sni = server_name.unwrap_or_default();
+        tracing::info!(peer = %peer, target = %target, addr = %addr, sni = %sni, mode = "tunnel", "proxy connect");
+        if upstream.write_all(&replay).await.is_err() {
             return;
         }
         match tunnel::relay(stream, upstream, self.settings.idle_timeout).await {
@@ -487,6 +594,34 @@ impl ForwardProxy {
             }
             TunnelEnd::Failed(e) => tracing::debug!(target = %target, error = %e, "tunnel broke"),
         }
+    }
+
+    /// The one place a tunnel refused after `200` is answered: the `200` cannot be taken back,
+    /// so a client that started TLS gets a fatal `access_denied` alert (its TLS library reports
+    /// that), any other just a closed connection.
+    async fn refuse_tunnel(
+        &self,
+        stream: Stream,
+        peer: &str,
+        target: &Authority,
+        refusal: TunnelRefusal,
+    ) {
+        metrics::counter!(metric::PROXY_CONNECTS_TOTAL, "mode" => "denied").increment(1);
+        tracing::info!(
+            peer = %peer,
+            target = %target,
+            reason = refusal.reason(),
+            detail = %refusal,
+            "proxy connect refused"
+        );
+        // A TLS record: alert (21), TLS 1.2 record version, 2 bytes: fatal (2), access_denied (49).
+        const ACCESS_DENIED_ALERT: &[u8] = &[21, 3, 3, 0, 2, 2, 49];
+        let answer = if refusal.client_speaks_tls() {
+            ACCESS_DENIED_ALERT
+        } else {
+            &[]
+        };
+        close_after(stream, answer).await;
     }
 
     async fn deny(
@@ -524,6 +659,15 @@ impl ServerApp for ForwardProxy {
     }
 }
 
+/// A tunnel Tollgate decrypts: who opened it, its CONNECT target, the MITM host whose leaf and
+/// provider serve it, and the caller's Tollgate key.
+struct MitmSession<'a> {
+    peer: &'a str,
+    target: &'a Authority,
+    host: &'a MitmHost,
+    key: String,
+}
+
 /// pingora configuration for an `HttpProxy` that only ever hosts a [`Gateway`]. The gateway
 /// makes every upstream call with its own shared connector, so the `HttpProxy`'s connector is
 /// never used; building it with the system trust store would cost milliseconds per tunnel, so
@@ -545,10 +689,9 @@ async fn write_established(stream: &mut Stream) -> std::io::Result<()> {
     stream.flush().await
 }
 
-/// The one place a refusal becomes bytes: a plain-text HTTP/1.1 response, then a lingering
-/// close ([`linger_close`]: what the client is still sending is read and dropped for a moment,
-/// so the kernel does not reset the connection before the client has read the answer).
-pub async fn respond(mut stream: Stream, refusal: &ConnectRefusal) {
+/// The one place a refusal before `200` becomes bytes: a plain-text HTTP/1.1 response, then a
+/// lingering close ([`close_after`]).
+pub async fn respond(stream: Stream, refusal: &ConnectRefusal) {
     let (status, phrase) = refusal.status();
     let body = format!("{refusal}\n");
     let mut head = format!(
@@ -564,8 +707,15 @@ pub async fn respond(mut stream: Stream, refusal: &ConnectRefusal) {
     }
     head.push_str("\r\n");
     head.push_str(&body);
+    close_after(stream, head.as_bytes()).await;
+}
+
+/// Writes `answer` and closes with a linger ([`linger_close`]: whatever the client is still
+/// sending is read and dropped for a moment, so the kernel does not reset the connection
+/// before the client has read the answer).
+async fn close_after(mut stream: Stream, answer: &[u8]) {
     let written = tokio::time::timeout(LINGER, async {
-        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(answer).await?;
         stream.flush().await
     })
     .await;

@@ -12,6 +12,7 @@
 mod dashboard_sessions;
 mod dialect;
 mod governance;
+mod journal;
 mod queries;
 mod record;
 mod recorder;
@@ -34,6 +35,7 @@ use uuid::Uuid;
 
 pub use dashboard_sessions::DashboardSession;
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
+pub use journal::{JournalError, Recovery, SpendJournal, RECOVERED};
 pub use queries::{
     GroupDetail, GroupRef, InterceptionFilter, InterceptionPage, InterceptionRow, PriceOverride,
     PromptRow, Queries, SeatHolderRow, SessionCursor, SessionPage, SessionSummary, SpendLimitEntry,
@@ -41,7 +43,7 @@ pub use queries::{
     UserDetail,
 };
 pub use record::{CredentialKind, InterceptionRecord, InterceptionStatus};
-pub use recorder::{Recorder, RecorderHandle};
+pub use recorder::{Recorder, RecorderHandle, RecorderProgress};
 pub use retention::{purge_once, run_retention, spawn_retention, RETENTION_PURGED_TOTAL};
 pub use spend::SharedReservation;
 
@@ -102,6 +104,21 @@ pub struct NewApiKey {
 
 /// Tollgate keys look like `tg_` followed by 48 hex characters.
 pub const KEY_PREFIX: &str = "tg_";
+
+/// Whether `text` holds something shaped like a Tollgate key (`tg_` and at least 16 hex
+/// characters, not inside a longer word). Such a value is never sent to a provider, whatever
+/// header or policy it comes with: it is a Tollgate credential, not a provider's.
+pub fn contains_tollgate_key(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    text.match_indices(KEY_PREFIX).any(|(at, _)| {
+        let starts_word = at == 0 || !bytes[at - 1].is_ascii_alphanumeric();
+        let hex = bytes[at + KEY_PREFIX.len()..]
+            .iter()
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        starts_word && hex >= 16
+    })
+}
 
 /// SHA-256 of a presented key: what is stored and looked up. Keys are long random strings, so
 /// a fast unsalted hash is enough (there is nothing to brute-force).
@@ -578,15 +595,19 @@ impl Store {
     /// of requests whose producer is no longer in memory.
     pub async fn thread_of_tool_call(
         &self,
+        user: Uuid,
         tool_call_id: &str,
     ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+        // Only the user's own interceptions: a tool-call id is client-chosen text, and another
+        // user's must not attach to (or show up in) their thread.
         const SQL: &str = "SELECT i.id, COALESCE(i.thread_root_id, i.id) FROM tool_usages t JOIN interceptions i ON i.id = t.interception_id \
              WHERE t.tool_call_id = ";
         const TAIL: &str = " ORDER BY t.id DESC LIMIT 1";
         match &self.backend {
             Backend::Sqlite(pool) => {
-                let row = sqlx::query(&format!("{SQL}?{TAIL}"))
+                let row = sqlx::query(&format!("{SQL}? AND i.user_id = ?{TAIL}"))
                     .bind(tool_call_id)
+                    .bind(user.to_string())
                     .fetch_optional(pool)
                     .await?;
                 match row {
@@ -598,8 +619,9 @@ impl Store {
                 }
             }
             Backend::Postgres(pool) => {
-                let row = sqlx::query(&format!("{SQL}$1{TAIL}"))
+                let row = sqlx::query(&format!("{SQL}$1 AND i.user_id = $2{TAIL}"))
                     .bind(tool_call_id)
+                    .bind(user)
                     .fetch_optional(pool)
                     .await?;
                 Ok(row.map(|r| (r.get(0), r.get(1))))
@@ -709,6 +731,8 @@ mod tests {
         assert!(store.create_user("bad name", false, &[]).await.is_err());
         let key = store.create_api_key(u.id, "laptop").await.unwrap();
         assert!(key.secret.starts_with("tg_") && key.secret.len() == 51);
+        assert!(contains_tollgate_key(&key.secret));
+        assert!(contains_tollgate_key(&format!("Bearer {}", key.secret)));
         let p = store
             .principal_for_key(&hash_key(&key.secret))
             .await

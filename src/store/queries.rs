@@ -148,6 +148,8 @@ pub struct InterceptionRow {
     pub usage: UsageSums,
     pub cost: NanoUsd,
     pub priced: bool,
+    /// `reported`, `estimated` or `none`.
+    pub usage_source: String,
     pub prompts: Vec<PromptRow>,
     pub tool_usages: Vec<ToolUsageRow>,
     /// Filled only where asked for (single interception, session detail).
@@ -318,7 +320,7 @@ const INTERCEPTION_COLUMNS: &str =
      i.thread_root_id, i.credential_kind, i.credential_hint, i.status, i.upstream_status, i.error, \
      i.streaming, i.started_at, i.ended_at, i.ttfb_ms, i.input_tokens, i.output_tokens, \
      i.cache_read_input_tokens, i.cache_write_input_tokens, i.reasoning_tokens, i.cost_nano_usd, \
-     i.priced";
+     i.priced, i.usage_source";
 
 fn count_col<R: DbRow>(row: &R, column: &str) -> Result<u64, StoreError> {
     Ok(u64::try_from(row.int(column)?).unwrap_or(0))
@@ -373,6 +375,7 @@ fn interception_from_row<R: DbRow>(row: &R) -> Result<InterceptionRow, StoreErro
         usage: usage_cols(row, "")?,
         cost: NanoUsd(row.int("cost_nano_usd")?),
         priced: row.boolean("priced")?,
+        usage_source: row.text("usage_source")?,
         prompts: Vec::new(),
         tool_usages: Vec::new(),
         thoughts: Vec::new(),

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::{millis, rollup, StoreError};
 use crate::governance::pricing::ModelPrice;
 use crate::money::NanoUsd;
-use crate::providers::{Thought, TokenUsage, ToolCall};
+use crate::providers::{Thought, TokenUsage, ToolCall, UsageSource};
 
 /// How an interception ended (contract values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -91,6 +91,9 @@ pub struct InterceptionRecord {
     pub ttfb_ms: Option<u64>,
     pub response_id: Option<String>,
     pub usage: TokenUsage,
+    /// Where `usage` comes from (spill files written before this field read as `reported`).
+    #[serde(default)]
+    pub usage_source: UsageSource,
     pub prompt: Option<String>,
     pub tool_calls: Vec<ToolCall>,
     pub thoughts: Vec<Thought>,
@@ -127,7 +130,7 @@ fn db_u64(v: u64) -> i64 {
 }
 
 /// SQLite takes at most 32766 bound parameters per statement; child rows are inserted in
-/// multi-row statements sized well under that (interceptions, 34 columns, half as many).
+/// multi-row statements sized well under that (interceptions, 35 columns, half as many).
 /// PostgreSQL's limit (65535) is higher; one size keeps the two writers alike.
 const ROWS_PER_STATEMENT: usize = 128;
 
@@ -207,7 +210,7 @@ async fn write_batch_sqlite(
              response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
              credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
              input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
-             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write) ",
+             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write, usage_source) ",
         );
         qb.push_values(chunk, |mut b, r| {
             b.push_bind(r.id.to_string())
@@ -243,7 +246,8 @@ async fn write_batch_sqlite(
                 .push_bind(r.price.as_ref().map(|p| p.input.0))
                 .push_bind(r.price.as_ref().map(|p| p.output.0))
                 .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
-                .push_bind(r.price.as_ref().map(|p| p.cache_write.0));
+                .push_bind(r.price.as_ref().map(|p| p.cache_write.0))
+                .push_bind(r.usage_source.as_str());
         });
         qb.push(" RETURNING id");
         for id in qb
@@ -391,7 +395,7 @@ pub(super) async fn insert_batch_postgres(
              response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
              credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
              input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
-             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write) ",
+             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write, usage_source) ",
         );
         qb.push_values(chunk, |mut b, r| {
             b.push_bind(r.id)
@@ -427,7 +431,8 @@ pub(super) async fn insert_batch_postgres(
                 .push_bind(r.price.as_ref().map(|p| p.input.0))
                 .push_bind(r.price.as_ref().map(|p| p.output.0))
                 .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
-                .push_bind(r.price.as_ref().map(|p| p.cache_write.0));
+                .push_bind(r.price.as_ref().map(|p| p.cache_write.0))
+                .push_bind(r.usage_source.as_str());
         });
         // A retried or replayed batch may repeat rows already committed: keep the first copy.
         qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");

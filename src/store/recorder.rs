@@ -12,6 +12,7 @@
 //! the spill directory is full or unwritable and the queue overflows meanwhile (both counted).
 //! On shutdown the writer drains the queue completely, to the database or to disk.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,26 @@ use crate::telemetry::metric;
 pub struct Recorder {
     tx: mpsc::Sender<InterceptionRecord>,
     health: Arc<Health>,
+    progress: RecorderProgress,
+}
+
+/// How many records were queued and how many the writer has finished with (written,
+/// spilled, or given up on at shutdown). The queue is first in, first out: once `processed`
+/// reaches a value `submitted` had, every record submitted until then is done with (the spend
+/// journal deletes a segment on this).
+#[derive(Clone, Debug, Default)]
+pub struct RecorderProgress {
+    submitted: Arc<AtomicU64>,
+    processed: Arc<AtomicU64>,
+}
+
+impl RecorderProgress {
+    /// `(submitted, processed)`.
+    pub fn counts(&self) -> (u64, u64) {
+        // Processed first: it never passes submitted, so the pair is never inverted.
+        let processed = self.processed.load(Ordering::Acquire);
+        (self.submitted.load(Ordering::Acquire), processed)
+    }
 }
 
 /// What the writer last saw, for `/readyz`.
@@ -69,7 +90,9 @@ impl Recorder {
         }
         metrics::gauge!(metric::RECORDER_SPILL_PENDING).set(spill.pending() as f64);
         let health = Arc::new(Health::default());
+        let progress = RecorderProgress::default();
         let writer = Writer {
+            progress: progress.clone(),
             health: health.clone(),
             store,
             spill,
@@ -79,12 +102,21 @@ impl Recorder {
         };
         let join = tokio::spawn(write_loop(writer, rx, drain_rx));
         (
-            Recorder { tx, health },
+            Recorder {
+                tx,
+                health,
+                progress,
+            },
             RecorderHandle {
                 drain: drain_tx,
                 join,
             },
         )
+    }
+
+    /// Queued and finished record counts, for the spend journal.
+    pub fn progress(&self) -> RecorderProgress {
+        self.progress.clone()
     }
 
     /// Why interceptions are not reaching the database right now (`None`: they are).
@@ -96,6 +128,7 @@ impl Recorder {
     pub fn submit(&self, record: InterceptionRecord) -> bool {
         match self.tx.try_send(record) {
             Ok(()) => {
+                self.progress.submitted.fetch_add(1, Ordering::AcqRel);
                 metrics::gauge!(metric::RECORDER_QUEUE_DEPTH).increment(1.0);
                 true
             }
@@ -155,6 +188,10 @@ async fn write_loop(
         }
         metrics::gauge!(metric::RECORDER_QUEUE_DEPTH).decrement(batch.len() as f64);
         writer.write(&batch, draining).await;
+        writer
+            .progress
+            .processed
+            .fetch_add(batch.len() as u64, Ordering::AcqRel);
         batch.clear();
     }
     // Stopping: one last chance for records on disk; what is left stays for the next start.
@@ -164,6 +201,7 @@ async fn write_loop(
 
 /// The writer task's state.
 struct Writer {
+    progress: RecorderProgress,
     health: Arc<Health>,
     store: Store,
     spill: Spill,
@@ -367,6 +405,7 @@ mod tests {
                 output: 20,
                 ..TokenUsage::default()
             },
+            usage_source: Default::default(),
             prompt: Some("hello \u{1F600} \"quoted\"\n".into()),
             tool_calls: vec![ToolCall {
                 id: "toolu_1".into(),
@@ -486,6 +525,8 @@ mod tests {
                 spill_dir: spill_dir.clone(),
                 spill_max_bytes: 1 << 30,
                 spill_after: Duration::from_millis(100),
+                journal_dir: None,
+                journal_sync: Duration::from_millis(10),
             },
         );
         sqlx::query("ALTER TABLE interceptions RENAME TO interceptions_away")

@@ -34,7 +34,9 @@ impl Store {
     }
 
     /// Reserves `amount` for request `id` against `cap` over every replica (one round trip).
-    /// `None` on SQLite.
+    /// With `alone`, the request is admitted only when nothing else of the user's is in flight
+    /// anywhere, and holds at least the rest of the cap (an unbounded request, see
+    /// `governance::ledger`). `None` on SQLite.
     #[allow(clippy::too_many_arguments)]
     pub async fn reserve_shared(
         &self,
@@ -43,6 +45,7 @@ impl Store {
         period_start: DateTime<Utc>,
         cap: NanoUsd,
         amount: NanoUsd,
+        alone: bool,
         replica: Uuid,
         ttl: Duration,
     ) -> Result<Option<SharedReservation>, StoreError> {
@@ -50,13 +53,14 @@ impl Store {
             return Ok(None);
         };
         let (admitted, spent, reserved): (bool, i64, i64) = sqlx::query_as(
-            "SELECT admitted, spent, reserved FROM tollgate_reserve($1, $2, $3, $4, $5, $6, $7)",
+            "SELECT admitted, spent, reserved FROM tollgate_reserve($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(id)
         .bind(user)
         .bind(period_start)
         .bind(cap.0)
         .bind(amount.0.max(0))
+        .bind(alone)
         .bind(replica)
         .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
         .fetch_one(pool)

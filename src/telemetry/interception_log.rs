@@ -98,6 +98,7 @@ fn write_records(out: &mut Vec<u8>, r: &InterceptionRecord, timestamp: &str) {
         .num("cache_read_input_tokens", r.usage.cache_read)
         .num("cache_write_input_tokens", r.usage.cache_write)
         .num("reasoning_tokens", r.usage.reasoning)
+        .str("usage_source", r.usage_source.as_str())
         .str("created_at", &ended_at)
         .end();
     let mut end = Line::start(out, timestamp, "interception_end");
@@ -244,6 +245,7 @@ fn log_through_tracing(r: &InterceptionRecord) {
         cache_read_input_tokens = r.usage.cache_read,
         cache_write_input_tokens = r.usage.cache_write,
         reasoning_tokens = r.usage.reasoning,
+        usage_source = r.usage_source.as_str(),
         created_at = %ended_at,
         "{MESSAGE}"
     );
@@ -319,6 +321,7 @@ mod tests {
                 cache_write: 4,
                 reasoning: u64::MAX,
             },
+            usage_source: Default::default(),
             prompt: Some("hello \u{1F600} \"quoted\"\n\ttab \\ </script> \u{7f}".into()),
             tool_calls: vec![
                 ToolCall {

@@ -30,6 +30,8 @@ pub mod metric {
     pub const TOKENS_TOTAL: &str = "tollgate_tokens_total";
     pub const COST_NANO_USD_TOTAL: &str = "tollgate_cost_nano_usd_total";
     pub const UNPRICED_TOTAL: &str = "tollgate_unpriced_interceptions_total";
+    pub const USAGE_SOURCE_TOTAL: &str = "tollgate_usage_source_total";
+    pub const JOURNAL_ERRORS_TOTAL: &str = "tollgate_journal_errors_total";
     pub const REFUSALS_TOTAL: &str = "tollgate_refusals_total";
     /// Admissions that could not reach the shared budget store (PostgreSQL).
     pub const BUDGET_STORE_ERRORS_TOTAL: &str = "tollgate_budget_store_errors_total";
@@ -113,8 +115,12 @@ fn register_known_series() {
         metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
         metric::REQUEST_HEADS_TOO_LARGE_TOTAL,
         metric::AUTH_FAILURES_THROTTLED_TOTAL,
+        metric::JOURNAL_ERRORS_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
+    }
+    for source in crate::providers::UsageSource::ALL {
+        metrics::counter!(metric::USAGE_SOURCE_TOTAL, "source" => source.as_str()).absolute(0);
     }
     for mode in ["mitm", "tunnel", "denied"] {
         metrics::counter!(metric::PROXY_CONNECTS_TOTAL, "mode" => mode).absolute(0);
@@ -157,6 +163,14 @@ fn describe() {
     describe_counter!(
         metric::UNPRICED_TOTAL,
         "Interceptions of models without a price."
+    );
+    describe_counter!(
+        metric::USAGE_SOURCE_TOTAL,
+        "Interceptions by where their usage came from: reported by the provider, estimated by Tollgate (the response ended without a usage report), none (nothing reached a model)."
+    );
+    describe_counter!(
+        metric::JOURNAL_ERRORS_TOTAL,
+        "Failed writes or syncs of the spend journal."
     );
     describe_counter!(
         metric::REFUSALS_TOTAL,
@@ -578,6 +592,7 @@ pub fn count_interception(r: &InterceptionRecord, duration_s: f64, upstream_s: f
     let p = provider_series(&r.provider);
     // Model names come from clients; only priced (known) models become label values, so a
     // client cannot blow up the series count with made-up names.
+    metrics::counter!(metric::USAGE_SOURCE_TOTAL, "source" => r.usage_source.as_str()).increment(1);
     let m = p.model(if r.price.is_some() {
         &r.model
     } else {

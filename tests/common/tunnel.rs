@@ -121,3 +121,80 @@ pub async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> String {
     let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A site on 127.0.0.1 reached through tunnels: TLS with its own self-signed certificate for
+/// `names` (DNS names or IP addresses), recording the SNI of every ClientHello it receives
+/// (`None` for a hello without one) and echoing what it is sent.
+pub struct TlsEchoSite {
+    pub port: u16,
+    /// Its certificate, for clients to trust.
+    pub cert: Vec<CertificateDer<'static>>,
+    hellos: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+impl TlsEchoSite {
+    pub async fn start(names: &[&str]) -> TlsEchoSite {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+        let der = vec![cert.der().clone()];
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            der.clone(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let config = Arc::new(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hellos = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = hellos.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (config, seen) = (config.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        tcp,
+                    );
+                    let Ok(start) = acceptor.await else { return };
+                    let sni = start.client_hello().server_name().map(String::from);
+                    seen.lock().unwrap().push(sni);
+                    let Ok(mut tls) = start.into_stream(config).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if tls.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        TlsEchoSite {
+            port,
+            cert: der,
+            hellos,
+        }
+    }
+
+    /// The SNI of every ClientHello received so far, in order.
+    pub fn hellos(&self) -> Vec<Option<String>> {
+        self.hellos.lock().unwrap().clone()
+    }
+}
