@@ -139,7 +139,36 @@ pub struct KeyCache {
     /// Unknown keys, with when they were found unknown.
     negative: RwLock<HashMap<KeyDigest, Instant>>,
     failures: AuthFailures,
+    /// Lookups running now, by digest: requests with the same uncached key wait for the one
+    /// lookup (and so spend one failure of their address, not one each: a burst of a new valid
+    /// key must not look like a flood of bad ones).
+    running: parking_lot::Mutex<HashMap<KeyDigest, Arc<tokio::sync::Notify>>>,
     ttl: Duration,
+}
+
+/// The longest a request waits for another's lookup of the same key before making its own.
+const RUNNING_LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
+/// Whose turn it is to look a key up.
+enum Turn<'a> {
+    /// This request looks it up; the others wait until the guard is dropped.
+    Lead(RunningLookup<'a>),
+    /// Another request looked it up meanwhile (its answer is in the cache, if it got one).
+    Waited,
+}
+
+/// A running lookup; dropping it (the answer cached, or the request gone) wakes the waiters.
+struct RunningLookup<'a> {
+    cache: &'a KeyCache,
+    digest: KeyDigest,
+}
+
+impl Drop for RunningLookup<'_> {
+    fn drop(&mut self) {
+        if let Some(done) = self.cache.running.lock().remove(&self.digest) {
+            done.notify_waiters();
+        }
+    }
 }
 
 /// `auth.failed_attempts_per_minute`'s default, until [`KeyCache::set_failed_attempts_per_minute`].
@@ -151,8 +180,37 @@ impl KeyCache {
             entries: RwLock::new(HashMap::new()),
             negative: RwLock::new(HashMap::new()),
             failures: AuthFailures::new(DEFAULT_FAILED_ATTEMPTS_PER_MINUTE),
+            running: parking_lot::Mutex::new(HashMap::new()),
             ttl,
         }
+    }
+
+    /// Leads the lookup of `digest`, or waits for the one already running.
+    async fn take_turn(&self, digest: KeyDigest) -> Turn<'_> {
+        let running = {
+            let mut running = self.running.lock();
+            match running.get(&digest) {
+                Some(lookup) => lookup.clone(),
+                None => {
+                    running.insert(digest, Arc::new(tokio::sync::Notify::new()));
+                    return Turn::Lead(RunningLookup {
+                        cache: self,
+                        digest,
+                    });
+                }
+            }
+        };
+        // Registered before checking that the lookup still runs, so its end cannot be missed.
+        let done = running.notified();
+        let still_running = self
+            .running
+            .lock()
+            .get(&digest)
+            .is_some_and(|lookup| Arc::ptr_eq(lookup, &running));
+        if still_running {
+            let _ = tokio::time::timeout(RUNNING_LOOKUP_WAIT, done).await;
+        }
+        Turn::Waited
     }
 
     /// Applies `auth.failed_attempts_per_minute` (at start).
@@ -253,8 +311,24 @@ impl KeyCache {
             metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "hit").increment(1);
             return Ok(Some(principal));
         }
-        // A key not known valid may fail: that failure is spent before anything else.
+        // A key not known valid may fail: that failure is spent before anything else, once per
+        // lookup (requests with the same key wait for the one running).
         let spent = !self.known_valid(&hash);
+        let mut _lead = None;
+        let mut cached = cached;
+        if spent && cached.is_none() && well_formed(secret) {
+            match self.take_turn(KeyDigest(hash)).await {
+                Turn::Lead(lookup) => _lead = Some(lookup),
+                Turn::Waited => {
+                    cached = self.cached(&hash);
+                    if let Some(Some(principal)) = cached {
+                        metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "hit")
+                            .increment(1);
+                        return Ok(Some(principal));
+                    }
+                }
+            }
+        }
         if spent {
             if let Err(throttled) = self.failures.take(client) {
                 metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "throttled")
@@ -407,6 +481,32 @@ mod tests {
             resolve(random(), alice).await.unwrap().is_none(),
             "alice is not throttled"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_one_new_valid_key_spends_one_lookup_not_the_addresss_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()), 2)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let user = store.create_user("ada", false, &[]).await.unwrap();
+        let good = store.create_api_key(user.id, "k").await.unwrap().secret;
+        let db = tokio::runtime::Handle::current();
+        let cache = Arc::new(KeyCache::new(Duration::from_secs(5)));
+        cache.set_failed_attempts_per_minute(3);
+        let client = ClientKey::V4([192, 0, 2, 7]);
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                let (cache, store, db, good) =
+                    (cache.clone(), store.clone(), db.clone(), good.clone());
+                tokio::spawn(async move { cache.resolve(&good, client, &store, &db).await })
+            })
+            .collect();
+        for request in burst {
+            let answer = request.await.unwrap();
+            assert!(matches!(answer, Ok(Some(_))), "{answer:?}");
+        }
     }
 
     #[test]

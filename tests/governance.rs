@@ -1001,18 +1001,7 @@ async fn hanging_up_before_the_usage_event_is_charged_an_estimate() {
 
 /// One Prometheus sample's value (0 when absent).
 async fn metric_value(tg: &Tollgate, series: &str) -> f64 {
-    let text = http()
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    common::server::metric_value(&common::server::metrics(tg).await, series).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
