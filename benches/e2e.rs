@@ -698,7 +698,8 @@ impl Tollgate {
         let db = dir.path().join("tollgate.db");
         let config = format!(
             "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             grace_period_seconds = 0\n\n\
+             grace_period_seconds = 0\n\
+             max_connections = 20000\nmax_connections_per_client = 0\n\n\
              [database]\nurl = \"sqlite://{}\"\n\n\
              [providers.openai]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:{fast_port}\"\n\
              api_key_env = \"E2E_OPENAI_KEY\"\n\n\

@@ -2,14 +2,23 @@
 //!
 //! Keys are looked up by their SHA-256 through an in-memory cache with a short TTL (at most 5 s,
 //! the contract's revocation bound), so the hot path touches the database only on the first
-//! sight of a key and once per TTL after that. Unknown keys are cached too (negatively), so a
-//! flood of bad keys cannot turn into a flood of queries.
+//! sight of a key and once per TTL after that. A bad key does not become a query either:
+//! - one that cannot be a Tollgate key (not `tg_` + 48 lowercase hex characters) is refused
+//!   without a lookup;
+//! - an unknown one is cached negatively, by its hash, in a bounded map of its own (a flood of
+//!   them never pushes valid keys out of the cache);
+//! - every failed check counts against the client's address ([`failures`]): once an address
+//!   has failed `auth.failed_attempts_per_minute` times, a key it presents that is not already
+//!   known valid is refused with 429 before any lookup, so a flood of distinct random keys
+//!   costs no query per key.
 //!
 //! A presented key is never compared with a stored secret: only its digest is looked up (the
 //! database holds digests alone), and the cache compares digests in constant time, so response
 //! timing tells a prober nothing about how close a guess came.
 //!
 //! Not here: what a principal may do (governance, API roles).
+
+pub mod failures;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,8 +28,31 @@ use http::HeaderMap;
 use parking_lot::RwLock;
 use subtle::ConstantTimeEq;
 
-use crate::store::{hash_key, Principal, Store, StoreError};
+use crate::front_door::ClientKey;
+use crate::store::{hash_key, Principal, Store, StoreError, KEY_PREFIX};
 use crate::telemetry::metric;
+use failures::{AuthFailures, Throttled};
+
+/// Why a key could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCheckError {
+    /// The database could not answer for a key not seen before.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The client's address failed authentication too often; nothing was looked up.
+    #[error(transparent)]
+    Throttled(#[from] Throttled),
+}
+
+/// Whether `secret` has the shape of a Tollgate key (`tg_` + 48 lowercase hex characters, as
+/// `Store::create_api_key` makes them). Anything else cannot be one: no lookup is needed.
+pub fn well_formed(secret: &str) -> bool {
+    secret.len() == KEY_PREFIX.len() + 48
+        && secret.starts_with(KEY_PREFIX)
+        && secret[KEY_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
 
 /// Where in the request the Tollgate key was found; decides what the other auth headers mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,16 +96,18 @@ pub fn presented_key(headers: &HeaderMap) -> Option<(String, KeySource)> {
 }
 
 struct CacheEntry {
-    principal: Option<Arc<Principal>>,
+    principal: Arc<Principal>,
     /// When the entry was last fresh (looked up, or served stale): it is trusted for a TTL.
     fetched: Instant,
     /// When the database last confirmed it.
     validated: Instant,
 }
 
-/// Bound on cached entries; past it the cache is cleared rather than grown (a flood of random
-/// keys must not eat memory).
+/// Bound on cached valid keys; past it they are cleared rather than grown.
 const MAX_ENTRIES: usize = 100_000;
+/// Bound on cached unknown keys, cleared on their own when full (a flood of random keys must
+/// not eat memory, nor push valid keys out).
+const MAX_NEGATIVE_ENTRIES: usize = 16_384;
 
 /// How long a valid key's last lookup may serve while the database cannot be asked.
 const STALE_LIMIT: Duration = Duration::from_secs(3600);
@@ -98,25 +132,114 @@ impl PartialEq for KeyDigest {
 
 impl Eq for KeyDigest {}
 
-/// Key hash → principal, refreshed from the store after `ttl`.
+/// Key hash → principal, refreshed from the store after `ttl`; unknown key hashes; and the
+/// failed checks per client address.
 pub struct KeyCache {
     entries: RwLock<HashMap<KeyDigest, CacheEntry>>,
+    /// Unknown keys, with when they were found unknown.
+    negative: RwLock<HashMap<KeyDigest, Instant>>,
+    failures: AuthFailures,
+    /// Lookups running now, by digest: requests with the same uncached key wait for the one
+    /// lookup (and so spend one failure of their address, not one each: a burst of a new valid
+    /// key must not look like a flood of bad ones).
+    running: parking_lot::Mutex<HashMap<KeyDigest, Arc<tokio::sync::Notify>>>,
     ttl: Duration,
 }
+
+/// The longest a request waits for another's lookup of the same key before making its own.
+const RUNNING_LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
+/// Whose turn it is to look a key up.
+enum Turn<'a> {
+    /// This request looks it up; the others wait until the guard is dropped.
+    Lead(RunningLookup<'a>),
+    /// Another request looked it up meanwhile (its answer is in the cache, if it got one).
+    Waited,
+}
+
+/// A running lookup; dropping it (the answer cached, or the request gone) wakes the waiters.
+struct RunningLookup<'a> {
+    cache: &'a KeyCache,
+    digest: KeyDigest,
+}
+
+impl Drop for RunningLookup<'_> {
+    fn drop(&mut self) {
+        if let Some(done) = self.cache.running.lock().remove(&self.digest) {
+            done.notify_waiters();
+        }
+    }
+}
+
+/// `auth.failed_attempts_per_minute`'s default, until [`KeyCache::set_failed_attempts_per_minute`].
+const DEFAULT_FAILED_ATTEMPTS_PER_MINUTE: u32 = 60;
 
 impl KeyCache {
     pub fn new(ttl: Duration) -> KeyCache {
         KeyCache {
             entries: RwLock::new(HashMap::new()),
+            negative: RwLock::new(HashMap::new()),
+            failures: AuthFailures::new(DEFAULT_FAILED_ATTEMPTS_PER_MINUTE),
+            running: parking_lot::Mutex::new(HashMap::new()),
             ttl,
         }
     }
 
+    /// Leads the lookup of `digest`, or waits for the one already running.
+    async fn take_turn(&self, digest: KeyDigest) -> Turn<'_> {
+        let running = {
+            let mut running = self.running.lock();
+            match running.get(&digest) {
+                Some(lookup) => lookup.clone(),
+                None => {
+                    running.insert(digest, Arc::new(tokio::sync::Notify::new()));
+                    return Turn::Lead(RunningLookup {
+                        cache: self,
+                        digest,
+                    });
+                }
+            }
+        };
+        // Registered before checking that the lookup still runs, so its end cannot be missed.
+        let done = running.notified();
+        let still_running = self
+            .running
+            .lock()
+            .get(&digest)
+            .is_some_and(|lookup| Arc::ptr_eq(lookup, &running));
+        if still_running {
+            let _ = tokio::time::timeout(RUNNING_LOOKUP_WAIT, done).await;
+        }
+        Turn::Waited
+    }
+
+    /// Applies `auth.failed_attempts_per_minute` (at start).
+    pub fn set_failed_attempts_per_minute(&self, per_minute: u32) {
+        self.failures.set_per_minute(per_minute);
+    }
+
+    /// The failed-authentication counts per address, for checks made elsewhere (dashboard
+    /// sessions).
+    pub fn failures(&self) -> &AuthFailures {
+        &self.failures
+    }
+
     /// A cached answer still within its TTL: `Some(None)` means "known bad key".
     pub fn cached(&self, hash: &[u8; 32]) -> Option<Option<Arc<Principal>>> {
-        let entries = self.entries.read();
-        let e = entries.get(&KeyDigest(*hash))?;
-        (e.fetched.elapsed() < self.ttl).then(|| e.principal.clone())
+        let digest = KeyDigest(*hash);
+        if let Some(e) = self.entries.read().get(&digest) {
+            if e.fetched.elapsed() < self.ttl {
+                return Some(Some(e.principal.clone()));
+            }
+        }
+        let found = self.negative.read().get(&digest).copied()?;
+        (found.elapsed() < self.ttl).then_some(None)
+    }
+
+    /// Whether the key was valid when last looked up, however long ago: such a key is looked up
+    /// again even from a throttled address (an attacker cannot present one without having it).
+    fn known_valid(&self, hash: &[u8; 32]) -> bool {
+        self.entries.read().contains_key(&KeyDigest(*hash))
     }
 
     /// While the database is down, a key that was valid when last checked (within
@@ -126,8 +249,7 @@ impl KeyCache {
     fn stale(&self, hash: &[u8; 32]) -> Option<Arc<Principal>> {
         let entries = self.entries.read();
         let e = entries.get(&KeyDigest(*hash))?;
-        let valid = e.principal.as_ref()?;
-        (e.validated.elapsed() < STALE_LIMIT).then(|| valid.clone())
+        (e.validated.elapsed() < STALE_LIMIT).then(|| e.principal.clone())
     }
 
     /// Serves a stale entry for another TTL before the database is asked again.
@@ -137,39 +259,103 @@ impl KeyCache {
         }
     }
 
+    /// Caches a lookup's answer: the key's principal, or `None` for an unknown key.
     pub fn insert(&self, hash: [u8; 32], principal: Option<Arc<Principal>>) {
-        let mut entries = self.entries.write();
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
+        let digest = KeyDigest(hash);
+        match principal {
+            Some(principal) => {
+                self.negative.write().remove(&digest);
+                let mut entries = self.entries.write();
+                if entries.len() >= MAX_ENTRIES {
+                    entries.clear();
+                }
+                entries.insert(
+                    digest,
+                    CacheEntry {
+                        principal,
+                        fetched: Instant::now(),
+                        validated: Instant::now(),
+                    },
+                );
+            }
+            None => {
+                self.entries.write().remove(&digest);
+                let mut negative = self.negative.write();
+                if negative.len() >= MAX_NEGATIVE_ENTRIES {
+                    negative.clear();
+                }
+                negative.insert(digest, Instant::now());
+            }
         }
-        entries.insert(
-            KeyDigest(hash),
-            CacheEntry {
-                principal,
-                fetched: Instant::now(),
-                validated: Instant::now(),
-            },
-        );
     }
 
-    /// Forgets everything (after a local revocation or user change).
+    /// Forgets every key (after a local revocation or user change); failure counts stay.
     pub fn clear(&self) {
         self.entries.write().clear();
+        self.negative.write().clear();
     }
 
-    /// Resolves a presented key: from the cache, else from the store (run on `db`, the runtime
-    /// that owns the pool).
+    /// Resolves a key presented from `client`: from the cache, else from the store (run on
+    /// `db`, the runtime that owns the pool), unless it cannot be a key or `client` is
+    /// throttled (see the module docs).
     pub async fn resolve(
         &self,
         secret: &str,
+        client: ClientKey,
         store: &Store,
         db: &tokio::runtime::Handle,
-    ) -> Result<Option<Arc<Principal>>, StoreError> {
+    ) -> Result<Option<Arc<Principal>>, KeyCheckError> {
         let hash = hash_key(secret);
-        if let Some(hit) = self.cached(&hash) {
+        let cached = self.cached(&hash);
+        if let Some(Some(principal)) = cached {
             metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "hit").increment(1);
-            return Ok(hit);
+            return Ok(Some(principal));
         }
+        // A key not known valid may fail: that failure is spent before anything else, once per
+        // lookup (requests with the same key wait for the one running).
+        let spent = !self.known_valid(&hash);
+        let mut _lead = None;
+        let mut cached = cached;
+        if spent && cached.is_none() && well_formed(secret) {
+            match self.take_turn(KeyDigest(hash)).await {
+                Turn::Lead(lookup) => _lead = Some(lookup),
+                Turn::Waited => {
+                    cached = self.cached(&hash);
+                    if let Some(Some(principal)) = cached {
+                        metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "hit")
+                            .increment(1);
+                        return Ok(Some(principal));
+                    }
+                }
+            }
+        }
+        if spent {
+            if let Err(throttled) = self.failures.take(client) {
+                metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "throttled")
+                    .increment(1);
+                return Err(throttled.into());
+            }
+            let malformed = !well_formed(secret);
+            if cached.is_some() || malformed {
+                let result = if malformed { "malformed" } else { "hit" };
+                metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => result).increment(1);
+                return Ok(None);
+            }
+        }
+        let found = self.look_up(hash, store, db).await;
+        if spent && !matches!(found, Ok(None)) {
+            self.failures.refund(client);
+        }
+        found
+    }
+
+    /// The store's answer for a key the cache could not answer (see [`KeyCache::resolve`]).
+    async fn look_up(
+        &self,
+        hash: [u8; 32],
+        store: &Store,
+        db: &tokio::runtime::Handle,
+    ) -> Result<Option<Arc<Principal>>, KeyCheckError> {
         metrics::counter!(metric::KEY_CACHE_LOOKUPS_TOTAL, "result" => "miss").increment(1);
         let lookup = {
             let store = store.clone();
@@ -191,7 +377,7 @@ impl KeyCache {
                 }
             },
             None if store.recently_failed() => {
-                return Err(StoreError::Unavailable("database unavailable".into()))
+                return Err(StoreError::Unavailable("database unavailable".into()).into())
             }
             None => lookup.await.inspect_err(|_| store.note_failure())?,
         };
@@ -255,6 +441,72 @@ mod tests {
         cache.insert(a, None);
         assert_eq!(cache.cached(&a), Some(None));
         assert_eq!(cache.cached(&hash_key("tg_b")), None);
+    }
+
+    #[tokio::test]
+    async fn bad_keys_cost_a_lookup_only_until_their_address_is_throttled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()), 2)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let user = store.create_user("ada", false, &[]).await.unwrap();
+        let good = store.create_api_key(user.id, "k").await.unwrap().secret;
+        let db = tokio::runtime::Handle::current();
+        let cache = KeyCache::new(Duration::from_millis(1));
+        cache.set_failed_attempts_per_minute(3);
+        let (mallory, alice) = (ClientKey::V4([192, 0, 2, 1]), ClientKey::V4([192, 0, 2, 2]));
+        let resolve = |key: String, client| {
+            let (cache, store, db) = (&cache, &store, &db);
+            async move { cache.resolve(&key, client, store, db).await }
+        };
+        assert!(resolve(good.clone(), mallory).await.unwrap().is_some());
+        // A key that cannot be one fails without a lookup, and counts.
+        assert!(resolve("tg_short".into(), mallory).await.unwrap().is_none());
+        assert!(!well_formed("tg_short") && well_formed(&good));
+        let random = || format!("tg_{}", hex::encode(rand::random::<[u8; 24]>()));
+        assert!(resolve(random(), mallory).await.unwrap().is_none());
+        assert!(resolve(random(), mallory).await.unwrap().is_none());
+        // Three failures: the next unknown key is not looked up.
+        assert!(matches!(
+            resolve(random(), mallory).await,
+            Err(KeyCheckError::Throttled(_))
+        ));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            resolve(good.clone(), mallory).await.unwrap().is_some(),
+            "a key known valid is still looked up (its cache entry expired)"
+        );
+        assert!(
+            resolve(random(), alice).await.unwrap().is_none(),
+            "alice is not throttled"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_one_new_valid_key_spends_one_lookup_not_the_addresss_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()), 2)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let user = store.create_user("ada", false, &[]).await.unwrap();
+        let good = store.create_api_key(user.id, "k").await.unwrap().secret;
+        let db = tokio::runtime::Handle::current();
+        let cache = Arc::new(KeyCache::new(Duration::from_secs(5)));
+        cache.set_failed_attempts_per_minute(3);
+        let client = ClientKey::V4([192, 0, 2, 7]);
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                let (cache, store, db, good) =
+                    (cache.clone(), store.clone(), db.clone(), good.clone());
+                tokio::spawn(async move { cache.resolve(&good, client, &store, &db).await })
+            })
+            .collect();
+        for request in burst {
+            let answer = request.await.unwrap();
+            assert!(matches!(answer, Ok(Some(_))), "{answer:?}");
+        }
     }
 
     #[test]

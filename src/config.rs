@@ -63,8 +63,22 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long a graceful stop (SIGTERM) lets in-flight requests finish.
     pub grace_period: Duration,
-    /// Longest time a new gateway connection may take to send its first request head.
+    /// Longest a connection on any listener may take to send a whole request head, counted
+    /// from when the listener starts waiting for it (on a kept-alive connection: from the end
+    /// of the previous response, so it is also the idle keep-alive limit).
     pub client_header_timeout: Duration,
+    /// Largest request head (request line and headers) any listener accepts: 431 above it.
+    pub max_request_head_bytes: usize,
+    /// Connections the gateway listener holds at once; lowered at start when the open-file
+    /// limit cannot hold them (see `front_door::descriptors`).
+    pub max_connections: usize,
+    /// Connections one client address (an IPv6 /64) may hold on the gateway listener, and on
+    /// the proxy listener; 0 means no per-address limit.
+    pub max_connections_per_client: usize,
+    /// The admin listener's own capacity, kept free of gateway and proxy traffic.
+    pub admin_max_connections: usize,
+    /// Connections one client address may hold on the admin listener; 0 means no limit.
+    pub admin_max_connections_per_client: usize,
     /// Longest wait for the next piece of a request body from the client (408 after it).
     pub client_body_timeout: Duration,
     /// Longest time a client may leave a response write pending (it stopped reading).
@@ -229,6 +243,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Ports CONNECT may reach (the contract's 80 and 443 by default).
     pub allowed_ports: Vec<u16>,
+    /// Connections the proxy listener holds at once (per address: the server's
+    /// `max_connections_per_client`); lowered at start to fit the open-file limit.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,6 +346,13 @@ pub struct RecorderConfig {
 pub struct AuthConfig {
     /// How long a looked-up key stays trusted before it is checked again (≤ 5 s per contract).
     pub key_cache_ttl: Duration,
+    /// Failed authentications one client address may make per minute (and in a burst) before
+    /// keys from it that are not already cached are refused with 429 without a lookup.
+    pub failed_attempts_per_minute: u32,
+    /// A dashboard session unused this long is over.
+    pub dashboard_idle: Duration,
+    /// A dashboard session is over this long after sign-in, however much it is used.
+    pub dashboard_max_age: Duration,
 }
 
 /// One problem found in the configuration, with the key it is about.
@@ -617,9 +641,24 @@ impl<'p> Reader<'p> {
         let auth = {
             let t = self.section(root, "auth");
             let ttl = self.int(&t, "auth", "key_cache_ttl_ms", 2_000, 0, 5_000);
-            self.unknown_keys(&t, "auth", &["key_cache_ttl_ms"]);
+            let failed = self.int(&t, "auth", "failed_attempts_per_minute", 60, 1, 100_000);
+            let idle = self.int(&t, "auth", "dashboard_idle_minutes", 60, 1, 10_080);
+            let max_age = self.int(&t, "auth", "dashboard_max_hours", 12, 1, 720);
+            self.unknown_keys(
+                &t,
+                "auth",
+                &[
+                    "key_cache_ttl_ms",
+                    "failed_attempts_per_minute",
+                    "dashboard_idle_minutes",
+                    "dashboard_max_hours",
+                ],
+            );
             AuthConfig {
                 key_cache_ttl: Duration::from_millis(ttl as u64),
+                failed_attempts_per_minute: failed as u32,
+                dashboard_idle: Duration::from_secs(idle as u64 * 60),
+                dashboard_max_age: Duration::from_secs(max_age as u64 * 3600),
             }
         };
         if proxy.enabled && server_addrs_clash(&server, &proxy) {
@@ -958,6 +997,32 @@ impl<'p> Reader<'p> {
                 10,
                 3_600_000,
             ) as u64),
+            max_request_head_bytes: self.int(
+                t,
+                s,
+                "max_request_head_bytes",
+                65_536,
+                1_024,
+                1_048_576,
+            ) as usize,
+            max_connections: self.int(t, s, "max_connections", 10_000, 16, 1_000_000) as usize,
+            max_connections_per_client: self.int(
+                t,
+                s,
+                "max_connections_per_client",
+                1_024,
+                0,
+                1_000_000,
+            ) as usize,
+            admin_max_connections: self.int(t, s, "admin_max_connections", 64, 4, 100_000) as usize,
+            admin_max_connections_per_client: self.int(
+                t,
+                s,
+                "admin_max_connections_per_client",
+                16,
+                0,
+                100_000,
+            ) as usize,
         };
         self.unknown_keys(
             t,
@@ -972,6 +1037,11 @@ impl<'p> Reader<'p> {
                 "client_header_timeout_ms",
                 "client_body_timeout_ms",
                 "client_write_timeout_ms",
+                "max_request_head_bytes",
+                "max_connections",
+                "max_connections_per_client",
+                "admin_max_connections",
+                "admin_max_connections_per_client",
             ],
         );
         cfg
@@ -1255,6 +1325,7 @@ impl<'p> Reader<'p> {
                 self.int(t, s, "idle_timeout_seconds", 300, 1, 86_400) as u64,
             ),
             allowed_ports: self.ports(t.get("allowed_ports")),
+            max_connections: self.int(t, s, "max_connections", 10_000, 16, 1_000_000) as usize,
         };
         self.unknown_keys(
             t,
@@ -1271,6 +1342,7 @@ impl<'p> Reader<'p> {
                 "handshake_timeout_ms",
                 "idle_timeout_seconds",
                 "allowed_ports",
+                "max_connections",
             ],
         );
         cfg
@@ -1520,6 +1592,22 @@ mod tests {
     fn defaults_without_a_file() {
         let c = Config::from_parts("none", None, &[]).unwrap();
         assert_eq!(c.server.gateway_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.server.client_header_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.max_request_head_bytes, 64 * 1024);
+        assert_eq!(
+            (
+                c.server.max_connections,
+                c.server.max_connections_per_client,
+                c.server.admin_max_connections,
+                c.server.admin_max_connections_per_client,
+                c.proxy.max_connections
+            ),
+            (10_000, 1_024, 64, 16, 10_000)
+        );
+        assert_eq!(c.auth.failed_attempts_per_minute, 60);
+        assert_eq!(c.auth.dashboard_idle, Duration::from_secs(3600));
+        assert_eq!(c.auth.dashboard_max_age, Duration::from_secs(12 * 3600));
         assert_eq!(c.database.url, "sqlite://data/tollgate.db");
         assert_eq!(c.limits.max_body_bytes, 33_554_432);
         assert_eq!(c.providers.len(), 2);

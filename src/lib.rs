@@ -4,6 +4,8 @@
 //! use the same modules. One module per concern: `config`, `gateway` (the request pipeline),
 //! `providers` (wire formats), `sse`, `clients`, `auth`, `governance`, `store`, `api`,
 //! `telemetry`, `proxy` (the HTTPS_PROXY front door), `tls` (its CA and certificates),
+//! `private_files` (owner-only files for records and secrets), `front_door` (what every listener
+//! limits before a client is authenticated),
 //! `server` (start-up and shutdown), `reload` (SIGHUP).
 
 #[macro_use]
@@ -14,9 +16,11 @@ pub mod auth;
 pub mod clients;
 pub mod config;
 pub mod dashboard;
+pub mod front_door;
 pub mod gateway;
 pub mod governance;
 pub mod money;
+pub mod private_files;
 pub mod providers;
 pub mod proxy;
 pub mod reload;

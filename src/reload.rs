@@ -111,6 +111,20 @@ pub fn merge(running: &Config, mut fresh: Config) -> (Config, Vec<&'static str>)
         r.client_write_timeout != f.client_write_timeout,
     );
     keep(
+        "server.max_request_head_bytes",
+        r.max_request_head_bytes != f.max_request_head_bytes,
+    );
+    keep(
+        "server.max_connections(_per_client)",
+        (r.max_connections, r.max_connections_per_client)
+            != (f.max_connections, f.max_connections_per_client),
+    );
+    keep(
+        "server.admin_max_connections(_per_client)",
+        (r.admin_max_connections, r.admin_max_connections_per_client)
+            != (f.admin_max_connections, f.admin_max_connections_per_client),
+    );
+    keep(
         "database",
         format!("{:?}", running.database) != format!("{:?}", fresh.database),
     );
@@ -140,7 +154,7 @@ pub fn merge(running: &Config, mut fresh: Config) -> (Config, Vec<&'static str>)
     );
     keep(
         "auth",
-        running.auth.key_cache_ttl != fresh.auth.key_cache_ttl,
+        format!("{:?}", running.auth) != format!("{:?}", fresh.auth),
     );
     keep(
         "retention",

@@ -1,5 +1,6 @@
-//! Start-up and shutdown: the database, the background runtime, the listeners (gateway, admin,
-//! and the proxy front door when `[proxy] enabled`), pingora.
+//! Start-up and shutdown: the open-file limit and the listeners' capacities, the database, the
+//! background runtime, the listeners (gateway, admin, and the proxy front door when `[proxy]
+//! enabled`), pingora.
 //!
 //! pingora builds and owns its own runtimes and blocks in `Server::run`, so this is a plain
 //! function called from `main` (no `#[tokio::main]`). Tollgate's own async work (database pool,
@@ -13,12 +14,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use axum::Extension;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
 use crate::config::Config;
+use crate::front_door::descriptors::{self, DescriptorPlan};
+use crate::front_door::{ConnectionLimiter, HeadLimits};
 use crate::gateway::{Gateway, GatewayListener, GatewayState};
 use crate::governance::keyvault::KeyVault;
 use crate::proxy::ForwardProxy;
@@ -31,6 +35,9 @@ use crate::{api, telemetry};
 /// `config_path` is the file `config` came from (`None`: the default path or built-in
 /// defaults); SIGHUP reads it again.
 pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // First, before any descriptor is opened: every listener's capacity must fit the limit.
+    let plan = descriptors::raise_and_plan(&config)?;
+    let heads = HeadLimits::from_config(&config.server);
     let config = Arc::new(config);
     let background = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -76,6 +83,9 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         vault,
         |name| std::env::var(name).ok(),
     ));
+    state
+        .keys
+        .set_failed_attempts_per_minute(config.auth.failed_attempts_per_minute);
     background
         .block_on(state.governance.refresh(&state.store, chrono::Utc::now()))
         .context("cannot load budgets and prices")?;
@@ -88,10 +98,14 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     telemetry::prometheus();
     background.spawn(telemetry::metrics_upkeep());
     // The CA is checked before any listener opens: a bad one stops the start with its reason.
-    let forward_proxy = if config.proxy.enabled {
-        Some(ForwardProxy::new(state.clone(), &config.proxy)?)
-    } else {
-        None
+    let forward_proxy = match plan.proxy {
+        Some(caps) => Some(ForwardProxy::new(
+            state.clone(),
+            &config.proxy,
+            heads,
+            ConnectionLimiter::new("proxy", caps.max, caps.per_client),
+        )?),
+        None => None,
     };
     background.spawn(crate::store::run_retention(
         state.store.clone(),
@@ -108,17 +122,17 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         })?;
     let admin_addr = admin_listener.local_addr()?;
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_router = api::router(state.clone());
-    background.spawn(async move {
-        let served = axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(async {
-                let _ = admin_stopped.await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+    let admin_router = api::router(state.clone()).layer(Extension(plan.clone()));
+    background.spawn(api::listener::serve(
+        admin_listener,
+        admin_router,
+        ConnectionLimiter::new("admin", plan.admin.max, plan.admin.per_client),
+        heads,
+        async {
+            let _ = admin_stopped.await;
+        },
+    ));
+    background.spawn(descriptors::report(plan.clone()));
 
     // Held while the gateway port is picked, so two port-0 listeners never get the same port.
     let proxy_probe = match &forward_proxy {
@@ -126,13 +140,18 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         None => None,
     };
     let gateway_addr = reserve(config.server.gateway_listen, "server.gateway_listen")?;
-    let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
+    let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config, &plan));
     server.bootstrap();
     let mut gateway = Service::new(
         "gateway".to_string(),
         GatewayListener::new(
             Gateway::new(state.clone()),
-            config.server.client_header_timeout,
+            heads,
+            Some(ConnectionLimiter::new(
+                "gateway",
+                plan.gateway.max,
+                plan.gateway.per_client,
+            )),
         ),
     );
     let scheme = match &config.server.gateway_tls {
@@ -265,12 +284,13 @@ async fn refresh_governance(state: Arc<GatewayState>) {
     }
 }
 
-fn pingora_conf(config: &Config) -> ServerConf {
+fn pingora_conf(config: &Config, plan: &DescriptorPlan) -> ServerConf {
     let mut conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        upstream_keepalive_pool_size: 512,
+        // Idle upstream connections hold descriptors too: as many as the plan counted.
+        upstream_keepalive_pool_size: plan.upstream_pool,
         ..ServerConf::default()
     };
     // pingora's pid/upgrade files only matter for daemon mode and zero-downtime upgrades.

@@ -1,4 +1,4 @@
-//! The dashboard over HTTP against the real binary: sign-in with a key cookie, every page
+//! The dashboard over HTTP against the real binary: sign-in into a session cookie, every page
 //! rendered from seeded interceptions, the numbers on the pages equal to the API's, the budget
 //! editor's change enforced by the gateway, members confined to their own records, and forms
 //! refused without their CSRF token.
@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::dashboard::{csrf_of, dashboard_post, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
 use reqwest::redirect::Policy;
@@ -66,12 +67,7 @@ async fn api(tg: &Tollgate, key: &str, path: &str) -> Value {
 
 /// Signs in through the form and returns the `Cookie` header value the browser would send.
 async fn sign_in(tg: &Tollgate, key: &str) -> String {
-    let resp = http()
-        .post(format!("{}/dashboard/sign-in", tg.admin))
-        .form(&[("key", key)])
-        .send()
-        .await
-        .unwrap();
+    let resp = sign_in_response(tg, key).await;
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/dashboard");
     let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
@@ -116,26 +112,6 @@ async fn page_ok(tg: &Tollgate, cookie: &str, path: &str) -> String {
     let p = page(tg, cookie, path).await;
     assert_eq!(p.status, 200, "GET {path}: {}", p.text);
     p.text
-}
-
-async fn post_form(
-    tg: &Tollgate,
-    cookie: &str,
-    path: &str,
-    form: &[(&str, &str)],
-) -> reqwest::Response {
-    http()
-        .post(format!("{}{path}", tg.admin))
-        .header("cookie", cookie)
-        .form(form)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn csrf_of(html: &str) -> String {
-    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
-    html[start..start + html[start..].find('"').unwrap()].to_string()
 }
 
 /// The `<tr>` whose opening tag carries `marker`, up to its end.
@@ -516,7 +492,7 @@ async fn members_see_only_their_own_records() {
     assert!(usage.contains(&format!("<td class=\"num cost\">{cost}</td>")));
     // A member's form post to an admin editor is refused even with a valid token.
     let csrf = csrf_of(&overview);
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets",
@@ -555,7 +531,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
             ("limit_usd", "0"),
         ],
     ] {
-        let resp = post_form(&tg, &cookie, "/dashboard/budgets", &form).await;
+        let resp = dashboard_post(&tg, &cookie, "/dashboard/budgets", &form).await;
         assert_eq!(resp.status(), 403);
     }
     assert_eq!(api(&tg, &admin, "/api/v2/budgets").await["count"], 0);
@@ -567,7 +543,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     );
 
     // A bad amount comes back as the editor with the API's reason.
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets",
@@ -577,7 +553,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     assert_eq!(resp.status(), 422);
     assert!(resp.text().await.unwrap().contains("role=\"alert\""));
 
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets",
@@ -614,7 +590,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
 
     // A price saved through the pricing editor is what the API then reports.
     let pricing = page_ok(&tg, &cookie, "/dashboard/pricing").await;
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/pricing",
@@ -642,7 +618,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     // The remove buttons undo both through the API: alice may call again, the override is gone.
     let editor = page_ok(&tg, &cookie, "/dashboard/budgets").await;
     assert!(editor.contains(&format!("name=\"target\" value=\"{target}\"")));
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets/remove",
@@ -650,7 +626,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
     )
     .await;
     assert_eq!(resp.status(), 403, "removing needs the CSRF token too");
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/budgets/remove",
@@ -668,7 +644,7 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
         assert!(Instant::now() < deadline, "the removed cap still applies");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let resp = post_form(
+    let resp = dashboard_post(
         &tg,
         &cookie,
         "/dashboard/pricing/remove",
@@ -685,12 +661,12 @@ async fn a_budget_set_in_the_editor_is_enforced_and_forms_need_their_csrf_token(
 
     // Sign-out needs the token too, then clears the cookie.
     assert_eq!(
-        post_form(&tg, &cookie, "/dashboard/sign-out", &[])
+        dashboard_post(&tg, &cookie, "/dashboard/sign-out", &[])
             .await
             .status(),
         403
     );
-    let resp = post_form(&tg, &cookie, "/dashboard/sign-out", &[("csrf", &csrf)]).await;
+    let resp = dashboard_post(&tg, &cookie, "/dashboard/sign-out", &[("csrf", &csrf)]).await;
     assert_eq!(resp.status(), 303);
     assert!(resp.headers()["set-cookie"]
         .to_str()

@@ -839,14 +839,7 @@ async fn refusals_use_the_provider_format_and_never_reach_the_upstream() {
         "refusals never contact the upstream"
     );
     // Refusals are not interceptions, but they are counted.
-    let metrics = c
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::server::metrics(&tg).await;
     assert!(
         metrics.contains("tollgate_refusals_total{reason=\"unauthenticated\"} 3"),
         "{metrics}"
@@ -921,14 +914,7 @@ async fn passthrough_routes_are_forwarded_but_not_recorded() {
         upstream.last_request().header("x-api-key"),
         Some(ANTHROPIC_CENTRAL_KEY)
     );
-    let metrics = http()
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::server::metrics(&tg).await;
     assert!(
         metrics.contains("tollgate_passthrough_total{provider=\"openai\"} 1"),
         "{metrics}"
@@ -1152,14 +1138,7 @@ async fn keep_alive_health_metrics_and_no_secret_in_any_log_line() {
     let ready = c.get(format!("{}/readyz", tg.admin)).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     tg.wait_until_recorded(10).await;
-    let metrics = c
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::server::metrics(&tg).await;
     for name in [
         "tollgate_interceptions_total{provider=\"openai\",model=\"gpt-4o-2024-08-06\",status=\"completed\"} 10",
         "tollgate_tokens_total{provider=\"openai\",model=\"gpt-4o-2024-08-06\",type=\"input\"} 2260",

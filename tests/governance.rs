@@ -280,14 +280,7 @@ async fn unpriced_models_are_flagged_or_refused() {
         (false, 0),
         "recorded, flagged as unpriced, no cost"
     );
-    let metrics = http()
-        .get(format!("{}/metrics", allow.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::server::metrics(&allow).await;
     assert!(
         metrics.contains(
             "tollgate_unpriced_interceptions_total{provider=\"openai\",model=\"unpriced\"} 1"
@@ -532,14 +525,7 @@ async fn central_key_fallback_and_seat_gauges() {
     // Two users have used AI: two seats of ten.
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {
-        let metrics = http()
-            .get(format!("{}/metrics", tg.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::server::metrics(&tg).await;
         if metrics.contains("tollgate_seats_used 2") && metrics.contains("tollgate_seats_limit 10")
         {
             break;
@@ -1015,18 +1001,7 @@ async fn hanging_up_before_the_usage_event_is_charged_an_estimate() {
 
 /// One Prometheus sample's value (0 when absent).
 async fn metric_value(tg: &Tollgate, series: &str) -> f64 {
-    let text = http()
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    common::server::metric_value(&common::server::metrics(tg).await, series).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

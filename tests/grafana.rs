@@ -200,14 +200,7 @@ async fn every_metric_the_grafana_dashboard_queries_is_exported() {
     // The seat gauges come from a refresh every 2 s; wait for everything rather than sleep.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = client
-            .get(format!("{}/metrics", tg.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::server::metrics(&tg).await;
         let have = exported(&text);
         let missing: Vec<&String> = wanted.iter().filter(|n| !have.contains(*n)).collect();
         if missing.is_empty() {

@@ -223,20 +223,7 @@ fn assert_matches_manifest(row: &Value, fixture: &str) {
 
 /// A counter from the admin listener's /metrics (0 when absent).
 async fn metric(tg: &Tollgate, series: &str) -> u64 {
-    let text = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
+    common::server::metric_value(&common::server::metrics(tg).await, series).unwrap_or(0.0) as u64
 }
 
 const MITM_CONNECTS: &str = "tollgate_proxy_connects_total{mode=\"mitm\"}";

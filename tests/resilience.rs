@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mock::{fixture_bytes, Chunking, MockResponse, MockUpstream};
-use common::server::{Tollgate, TollgateBuilder};
+use common::server::{metric_value, metrics, rss, watch_rss, Tollgate, TollgateBuilder};
 use common::tunnel::{connect_tunnel, der_of, read_h1_response, tls_client};
 use futures_util::StreamExt;
 use rustls::pki_types::ServerName;
@@ -74,23 +74,6 @@ async fn post(tg: &Tollgate, path: &str, key: &str, body: &Value) -> reqwest::Re
         .send()
         .await
         .unwrap()
-}
-
-async fn metrics(tg: &Tollgate) -> String {
-    http()
-        .get(format!("{}/metrics", tg.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one metric line (`name{labels}` exactly as rendered), if present.
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// status, error, upstream_status, credential_hint of the interception with `id`.
@@ -482,29 +465,6 @@ async fn upstream_that_never_accepts_the_connection_gets_504_and_a_timeout_recor
     let error: String = tg.scalar("SELECT error FROM interceptions", &[]).await;
     assert_eq!(status, "timeout");
     assert!(error.contains("connect_timeout_ms"), "{error}");
-}
-
-/// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
-/// Samples the RSS of `pid` every 25 ms until `stop` is set; returns the peak.
-fn watch_rss(pid: u32, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut peak = 0;
-        while !stop.load(Ordering::SeqCst) {
-            peak = peak.max(rss(pid));
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        peak.max(rss(pid))
-    })
 }
 
 /// One chat stream event carrying `len` bytes of content (no usage).

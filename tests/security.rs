@@ -2,7 +2,9 @@
 //! no open relay (gateway and proxy), tunnels cannot reach private or reserved addresses or
 //! other ports unless an operator opens them, members cannot read or change other users' data
 //! through any documented route, secrets never come back out (logs, error bodies, API responses,
-//! metrics), and secret files readable by others stop the server at start.
+//! metrics), secret files and the database readable by others stop the server at start and
+//! Tollgate's own files are the owner's alone, dashboard sessions end when they should (the
+//! cookie is never the key), and the usage CSV cannot start a spreadsheet formula.
 //!
 //! A "decoy" mock on 127.0.0.1 stands for whatever sits next to Tollgate (an internal service,
 //! the metadata endpoint): every relay test ends by checking that it saw no connection at all.
@@ -11,9 +13,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::dashboard::{cookie_of, csrf_of, dashboard_get, dashboard_post, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
-use common::tunnel::{connect_tunnel_within, raw_exchange};
+use common::tunnel::{connect_tunnel_within, der_of, raw_exchange, read_h1_response, tls_client};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1037,6 +1040,20 @@ fn secret_files_others_can_read_stop_the_server_at_start() {
         );
     }
 
+    // So is a database someone else can read: it holds every prompt, tool call and thought.
+    let db = dir.path().join("t.db");
+    std::fs::write(&db, b"").unwrap();
+    for mode in [0o644, 0o640, 0o604] {
+        chmod(&db, mode);
+        let (code, out) = serve_exits(dir.path(), &base);
+        assert_eq!(code, Some(1), "database mode {mode:o} was accepted:\n{out}");
+        assert!(
+            out.contains("t.db") && out.contains("chmod 600"),
+            "mode {mode:o}: {out}"
+        );
+    }
+    std::fs::remove_file(&db).unwrap();
+
     // The vault secret (stored provider keys) is held to the same rule.
     let vault = format!(
         "{base}[keys]\ncentral_api_key_enabled = true\nallow_user_api_key = true\nsecret_key_file = \"vault.key\"\n"
@@ -1056,5 +1073,265 @@ fn secret_files_others_can_read_stop_the_server_at_start() {
             "mode {mode:o}: {out}"
         );
         assert!(!out.contains(&vault_secret), "the vault secret was printed");
+    }
+}
+
+#[test]
+fn what_tollgate_writes_is_readable_by_its_owner_only() {
+    if common::server::skip_on_postgres("checks the modes of the SQLite files") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(Tollgate::builder().start());
+    tg.user_key("alice"); // a write, so the WAL and shared-memory files exist
+    let mode = |p: &std::path::Path| tollgate::private_files::mode(p).unwrap();
+    let db = tg.db_path.display().to_string();
+    for file in [db.clone(), format!("{db}-wal"), format!("{db}-shm")] {
+        let file = std::path::Path::new(&file);
+        assert_eq!(
+            mode(file),
+            0o600,
+            "{} (umask 022 when created)",
+            file.display()
+        );
+    }
+    // A database in a directory Tollgate creates gets a directory only its owner can enter.
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("data/db/t.db");
+    let config = format!(
+        "[server]\ngateway_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n",
+        nested.display()
+    );
+    std::fs::write(dir.path().join("t.toml"), config).unwrap();
+    let out = std::process::Command::new(common::server::BIN)
+        .args(["users", "create", "ada", "--config", "t.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+    assert_eq!(mode(&nested), 0o600);
+}
+
+/// Creates a user through the API; returns its id.
+async fn api_user(tg: &Tollgate, root: &str, name: &str) -> String {
+    let body = json!({ "username": name });
+    let user = api_ok(tg, Method::POST, root, "/api/v2/users", Some(&body)).await;
+    user["id"].as_str().unwrap().to_string()
+}
+
+/// Creates a key for user `uid` through the API: its secret and its id.
+async fn api_key(tg: &Tollgate, root: &str, uid: &str, name: &str) -> (String, String) {
+    let path = format!("/api/v2/users/{uid}/keys");
+    let key = api_ok(
+        tg,
+        Method::POST,
+        root,
+        &path,
+        Some(&json!({ "name": name })),
+    )
+    .await;
+    let field = |f: &str| key[f].as_str().unwrap().to_string();
+    (field("secret"), field("id"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dashboard_cookie_is_a_session_that_sign_out_revocation_and_deletion_end() {
+    let tg = Tollgate::builder().start().await;
+    let root = tg.admin_key("root");
+    let uid = api_user(&tg, &root, "alice").await;
+    let open = |key: String| {
+        let tg = &tg;
+        async move {
+            let resp = sign_in_response(tg, &key).await;
+            assert_eq!(resp.status(), 303);
+            cookie_of(&resp).expect("a session cookie")
+        }
+    };
+    let status = |cookie: String| {
+        let tg = &tg;
+        async move { dashboard_get(tg, &cookie, "/dashboard").await.0 }
+    };
+    // An admin's DELETE, then the session `cookie` must be over (sent back to sign-in).
+    let ends_after_delete = |path: String, cookie: String, why: &'static str| {
+        let (tg, root) = (&tg, root.clone());
+        async move {
+            let (deleted, _) = api(tg, Method::DELETE, &root, &path, None).await;
+            assert!((200..300).contains(&deleted), "DELETE {path}: {deleted}");
+            assert_eq!(
+                dashboard_get(tg, &cookie, "/dashboard").await.0,
+                303,
+                "{why}"
+            );
+        }
+    };
+    let (key, key_id) = api_key(&tg, &root, &uid, "laptop").await;
+
+    // The cookie holds a session id, not the key, and is no key anywhere.
+    let first = open(key.clone()).await;
+    let value = first.split_once('=').unwrap().1.to_string();
+    assert!(!value.contains(&key[3..]) && value.len() == 64, "{first}");
+    let (as_key, _) = api(&tg, Method::GET, &value, "/api/v2/users/me/budget", None).await;
+    assert_eq!(as_key, 401, "a session id is not an API key");
+    let stored: Vec<String> = tg
+        .column("SELECT id_hash FROM dashboard_sessions", &[])
+        .await;
+    assert_eq!(stored.len(), 1);
+    assert!(!stored[0].contains(&value), "only the id's hash is stored");
+
+    // Two sessions, each with its own CSRF token.
+    let second = open(key.clone()).await;
+    let (_, page) = dashboard_get(&tg, &first, "/dashboard").await;
+    let first_csrf = csrf_of(&page);
+    let (_, page) = dashboard_get(&tg, &second, "/dashboard").await;
+    assert_ne!(first_csrf, csrf_of(&page));
+    let sign_out = |cookie: String, csrf: String| {
+        let tg = &tg;
+        async move {
+            dashboard_post(tg, &cookie, "/dashboard/sign-out", &[("csrf", &csrf)])
+                .await
+                .status()
+        }
+    };
+    let crossed = sign_out(second.clone(), first_csrf.clone()).await;
+    assert_eq!(crossed, 403, "a token of another session is refused");
+
+    // Signing out ends the session on the server: the copied cookie is refused.
+    assert_eq!(sign_out(first.clone(), first_csrf).await, 303);
+    assert_eq!(status(first).await, 303, "replayed after sign-out");
+    assert_eq!(status(second.clone()).await, 200, "the other session lives");
+
+    // Revoking the key a session was opened with ends it at once (no cache in between), and
+    // deleting the user ends the sessions of every key of theirs.
+    let keys = format!("/api/v2/users/{uid}/keys/{key_id}");
+    ends_after_delete(keys, second, "its key was revoked").await;
+    let (key, _) = api_key(&tg, &root, &uid, "desk").await;
+    let third = open(key).await;
+    assert_eq!(status(third.clone()).await, 200);
+    ends_after_delete(
+        format!("/api/v2/users/{uid}"),
+        third,
+        "its user was deleted",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_csv_defuses_every_formula_leading_character() {
+    let upstream = provider_upstream().await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .start()
+        .await;
+    let member = tg.user_key("mallory");
+    let root = tg.admin_key("root");
+    let models = ["=1+1", "\t=2+2", "\r=3+3", "+4", "-5", "@6", "\u{FF1D}7"];
+    for model in models {
+        let r = http()
+            .post(format!("{}/openai/v1/chat/completions", tg.gateway))
+            .bearer_auth(&member)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{model:?}");
+    }
+    tg.wait_until_recorded(models.len() as i64).await;
+    let cookie = cookie_of(&sign_in_response(&tg, &root).await).unwrap();
+    let (status, csv) = dashboard_get(&tg, &cookie, "/dashboard/usage.csv?group_by=model").await;
+    assert_eq!(status, 200);
+    let mut fields = 0;
+    for row in csv.split("\r\n").skip(1).filter(|r| !r.is_empty()) {
+        let first = row.strip_prefix('"').unwrap_or(row);
+        assert!(
+            first.starts_with('\''),
+            "a field a spreadsheet would run: {row:?}"
+        );
+        fields += 1;
+    }
+    assert_eq!(fields, models.len(), "{csv}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_key_stops_working_inside_an_open_tunnel() {
+    let upstream = provider_upstream().await;
+    let (tg, _) = with_proxy(&upstream, "").await;
+    let root = tg.admin_key("root");
+    let uid = api_user(&tg, &root, "alice").await;
+    let (key, key_id) = api_key(&tg, &root, &uid, "laptop").await;
+
+    let (tcp, head) = connect(&tg.proxy_addr(), "api.openai.com:443", Some(&key)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut tunnel = tls_client(&der_of(&tg.proxy_ca_pem()))
+        .connect(
+            rustls::pki_types::ServerName::try_from("api.openai.com").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let models = b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n";
+    tunnel.write_all(models).await.unwrap();
+    assert_eq!(read_h1_response(&mut tunnel).await.0, 200);
+
+    let (status, _) = api(
+        &tg,
+        Method::DELETE,
+        &root,
+        &format!("/api/v2/users/{uid}/keys/{key_id}"),
+        None,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}");
+    // The same tunnel, the same connection: the next request is checked again, and refused.
+    tunnel.write_all(models).await.unwrap();
+    assert_eq!(read_h1_response(&mut tunnel).await.0, 401);
+    assert_eq!(upstream.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_carry_no_ids_and_no_secrets() {
+    let upstream = provider_upstream().await;
+    let tg = Tollgate::builder()
+        .provider("openai", "openai", &upstream.base_url())
+        .start()
+        .await;
+    let key = tg.user_key("carol-7d1e");
+    let session = "carol-session-5b9f";
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    for bearer in [
+        key.as_str(),
+        "tg_ffffffffffffffffffffffffffffffffffffffffffffffff",
+    ] {
+        http()
+            .post(format!("{}/openai/v1/chat/completions", tg.gateway))
+            .bearer_auth(bearer)
+            .header("x-tollgate-session", session)
+            .json(&chat)
+            .send()
+            .await
+            .unwrap();
+    }
+    tg.wait_until_recorded(1).await;
+    let text = common::server::metrics(&tg).await;
+    assert!(
+        text.contains("tollgate_interceptions_total"),
+        "metrics were recorded"
+    );
+    let mut never: Vec<String> = vec![
+        key.clone(),
+        key[3..].to_string(),
+        "carol-7d1e".into(),
+        session.into(),
+        OPENAI_CENTRAL_KEY.into(),
+    ];
+    for sql in [
+        "SELECT CAST(id AS TEXT) FROM users",
+        "SELECT CAST(id AS TEXT) FROM api_keys",
+        "SELECT CAST(id AS TEXT) FROM interceptions",
+    ] {
+        never.extend(tg.column::<String>(sql, &[]).await);
+    }
+    for value in &never {
+        assert!(!text.contains(value.as_str()), "/metrics names {value:?}");
     }
 }

@@ -5,16 +5,40 @@
 //! member). Handlers that members may use take [`Caller`] and restrict what they read to the
 //! caller's own records.
 //!
+//! A bad key counts against the caller's address (the listener puts it in every request): an
+//! address that fails too often gets 429 for keys not already known, without a lookup.
+//!
 //! Not here: the key cache itself (`crate::auth`) or the records' ownership checks (handlers).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 
 use super::error::ApiError;
+use crate::auth::KeyCheckError;
+use crate::front_door::ClientKey;
 use crate::gateway::GatewayState;
 use crate::store::Principal;
+
+/// The address a request came from (`api::listener` records it), for per-address limits.
+pub fn client_of(parts: &Parts) -> ClientKey {
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+    ClientKey::of(peer.map(|ConnectInfo(addr)| addr.ip()))
+}
+
+/// The caller's address (an extractor that never refuses; `ClientKey::Unknown` when the
+/// request did not come through the admin listener, e.g. a router driven directly).
+pub struct ClientAddress(pub ClientKey);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddress(client_of(parts)))
+    }
+}
 
 /// Any authenticated user.
 #[derive(Debug, Clone)]
@@ -39,10 +63,16 @@ impl FromRequestParts<Arc<GatewayState>> for Caller {
     ) -> Result<Self, Self::Rejection> {
         let (secret, _) =
             crate::auth::presented_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        match state.keys.resolve(&secret, &state.store, &state.db).await {
+        let client = client_of(parts);
+        match state
+            .keys
+            .resolve(&secret, client, &state.store, &state.db)
+            .await
+        {
             Ok(Some(principal)) => Ok(Caller(principal)),
             Ok(None) => Err(ApiError::Unauthorized),
-            Err(e) => Err(ApiError::Internal(format!("key lookup: {e}"))),
+            Err(KeyCheckError::Throttled(throttled)) => Err(ApiError::TooManyRequests(throttled)),
+            Err(KeyCheckError::Store(e)) => Err(ApiError::Internal(format!("key lookup: {e}"))),
         }
     }
 }

@@ -13,6 +13,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::failures::Throttled;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum ApiError {
     /// No usable Tollgate key.
     #[error("a valid Tollgate key is required: send `Authorization: Bearer tg_...`")]
     Unauthorized,
+    /// The caller's address failed authentication too often; its key was not looked up.
+    #[error("{0}")]
+    TooManyRequests(Throttled),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -47,6 +51,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -61,6 +66,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::TooManyRequests(_) => "too_many_requests",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::NoRoute(_) => "no_route",
@@ -86,8 +92,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// What went wrong, for a person.
     pub message: String,
-    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `no_route`, `conflict`,
-    /// `invalid`, `unavailable` or `internal`.
+    /// `bad_request`, `unauthorized`, `too_many_requests`, `forbidden`, `not_found`,
+    /// `no_route`, `conflict`, `invalid`, `unavailable` or `internal`.
     pub code: String,
 }
 
@@ -103,7 +109,14 @@ impl IntoResponse for ApiError {
                 code: self.code().to_string(),
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::TooManyRequests(throttled) = &self {
+            let secs = throttled.retry_after.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -16,6 +16,7 @@ pub mod budgets;
 pub mod error;
 pub mod extract;
 pub mod interceptions;
+pub mod listener;
 pub mod me;
 pub mod query;
 pub mod seats;
@@ -79,9 +80,54 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Documents the 429 every key-checked operation can answer: where a bad key gets 401, an
+/// address that has failed too often gets 429 with `Retry-After` before its key is looked up
+/// (`crate::auth::failures`). Added here once rather than on every handler, after the routes
+/// are in the document ([`routes`]).
+struct ThrottledAuth;
+
+impl utoipa::Modify for ThrottledAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder, Type};
+        let throttled = ResponseBuilder::new()
+            .description("Too many failed authentications from this address; the key was not checked. Retry after `Retry-After` seconds.")
+            .header(
+                "Retry-After",
+                HeaderBuilder::new()
+                    .schema(utoipa::openapi::ObjectBuilder::new().schema_type(Type::Integer))
+                    .build(),
+            )
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in operations.into_iter().flatten() {
+                if op.responses.responses.contains_key("401") {
+                    op.responses
+                        .responses
+                        .entry("429".to_string())
+                        .or_insert_with(|| throttled.clone().into());
+                }
+            }
+        }
+    }
+}
+
 /// Every route with its OpenAPI entry: the single list both are built from.
 pub fn routes() -> (Router<Arc<GatewayState>>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(interceptions::list_interceptions))
         .routes(routes!(interceptions::get_interception))
         .routes(routes!(sessions::list_sessions))
@@ -117,7 +163,9 @@ pub fn routes() -> (Router<Arc<GatewayState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(system::metrics))
         .routes(routes!(system::healthz))
         .routes(routes!(system::readyz))
-        .split_for_parts()
+        .split_for_parts();
+    utoipa::Modify::modify(&ThrottledAuth, &mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document of [`routes`].

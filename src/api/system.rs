@@ -19,6 +19,7 @@ use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use crate::front_door::descriptors::{self, DescriptorPlan, DescriptorUsage};
 use crate::gateway::GatewayState;
 use crate::telemetry;
 
@@ -32,6 +33,10 @@ pub struct Health {
     /// Why interceptions are not being written (held in memory or spilled to disk meanwhile).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recorder: Option<String>,
+    /// File descriptors: the open-file limit, how many are open, the headroom between them,
+    /// and what the listeners' capacities need at most (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub descriptors: Option<DescriptorUsage>,
 }
 
 /// Prometheus metrics (text exposition format).
@@ -63,11 +68,14 @@ pub async fn healthz() -> Json<Health> {
         status: "ok".into(),
         database: None,
         recorder: None,
+        descriptors: None,
     })
 }
 
 /// Readiness: the database answers, the schema is in place, and the recorder can write (a
 /// replica whose writes fail, e.g. a locked or full SQLite file, should get no new traffic).
+/// The body also reports the descriptor headroom (informational: it does not change the
+/// status; the listeners refuse connections before the limit is reached).
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -78,7 +86,11 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, body = Health),
     )
 )]
-pub async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
+pub async fn readyz(
+    State(state): State<Arc<GatewayState>>,
+    plan: Option<Extension<DescriptorPlan>>,
+) -> Response {
+    let fds = plan.and_then(|Extension(plan)| descriptors::usage(&plan));
     let database =
         match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
             Ok(Ok(())) => None,
@@ -91,6 +103,7 @@ pub async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
             status: "ready".into(),
             database: None,
             recorder: None,
+            descriptors: fds,
         })
         .into_response();
     }
@@ -100,6 +113,7 @@ pub async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
             status: "unavailable".into(),
             database,
             recorder,
+            descriptors: fds,
         }),
     )
         .into_response()

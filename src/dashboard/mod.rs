@@ -7,8 +7,9 @@
 //! to their own records by the same checks. Nothing is fetched from elsewhere at run time: the
 //! stylesheet is compiled in and charts are inline SVG.
 //!
-//! Not here: the API (`api`), the queries (`store::Queries`), escaping (`html`).
+//! Not here: the API (`api`), the queries (`store::Queries`), escaping (`html`, `csv`).
 
+mod csv;
 pub mod html;
 mod signin;
 
@@ -22,6 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 
+use crate::api::auth::ClientAddress;
 use crate::api::error::ApiError;
 use crate::api::extract::{ApiJson, ApiPath};
 use crate::api::interceptions::{Interception, TokenUsage};
@@ -192,11 +194,13 @@ fn total_tokens(u: &TokenUsage) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Sign-in
 
-async fn sign_in_page(headers: HeaderMap, State(state): State<Arc<GatewayState>>) -> Response {
-    if let Some(key) = signin::cookie_key(&headers) {
-        if signin::resolve(&state, &key).await.is_some() {
-            return Redirect::to("/dashboard").into_response();
-        }
+async fn sign_in_page(
+    headers: HeaderMap,
+    ClientAddress(client): ClientAddress,
+    State(state): State<Arc<GatewayState>>,
+) -> Response {
+    if let Ok(Some(_)) = signin::viewer(&state, &headers, client).await {
+        return Redirect::to("/dashboard").into_response();
     }
     sign_in_form(StatusCode::OK, None)
 }
@@ -215,7 +219,7 @@ fn sign_in_form(status: StatusCode, problem: Option<&str>) -> Response {
     w!(&mut b, "<form method=\"post\" action=\"/dashboard/sign-in\">",
         "<label for=\"key\">Tollgate key<input id=\"key\" name=\"key\" type=\"password\" autocomplete=\"current-password\" required autofocus placeholder=\"tg_...\"></label>",
         "<button type=\"submit\">Sign in</button></form>",
-        "<p class=\"muted\">Use the key your administrator gave you (<code>tollgate keys create</code>). It is kept in a cookie only this dashboard can read.</p></div>");
+        "<p class=\"muted\">Use the key your administrator gave you (<code>tollgate keys create</code>). Signing in opens a session; the key itself is not kept in your browser.</p></div>");
     page_response(status, layout(None, Tab::None, "Sign in", b))
 }
 
@@ -226,6 +230,7 @@ struct SignInForm {
 
 async fn sign_in(
     State(state): State<Arc<GatewayState>>,
+    ClientAddress(client): ClientAddress,
     headers: HeaderMap,
     Form(form): Form<SignInForm>,
 ) -> Response {
@@ -235,20 +240,19 @@ async fn sign_in(
             "This sign-in form did not come from this dashboard.",
         );
     }
-    let key = form.key.trim();
-    // Only a real key goes into the cookie, and only cookie-safe characters reach the header.
-    let cookie_safe = !key.is_empty()
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !cookie_safe || signin::resolve(&state, key).await.is_none() {
-        return sign_in_form(
-            StatusCode::UNAUTHORIZED,
-            Some("That key is not valid, or it was revoked."),
-        );
-    }
+    let session_id = match signin::sign_in(&state, form.key.trim(), client).await {
+        Ok(id) => id,
+        Err(signin::SignInError::BadKey) => {
+            return sign_in_form(
+                StatusCode::UNAUTHORIZED,
+                Some("That key is not valid, or it was revoked."),
+            )
+        }
+        Err(e) => return signin::refusal_page(&e),
+    };
     let mut resp = Redirect::to("/dashboard").into_response();
-    if let Ok(v) = HeaderValue::from_str(&signin::set_cookie(&headers, key)) {
+    let max_age = state.config().auth.dashboard_max_age;
+    if let Ok(v) = HeaderValue::from_str(&signin::set_cookie(&headers, &session_id, max_age)) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
@@ -256,11 +260,15 @@ async fn sign_in(
 
 async fn sign_out(
     viewer: Viewer,
+    State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {
         return refused;
+    }
+    if let Err(e) = viewer.sign_out(&state).await {
+        return signin::refusal_page(&e.into());
     }
     let mut resp = Redirect::to("/dashboard/sign-in").into_response();
     if let Ok(v) = HeaderValue::from_str(&signin::clear_cookie(&headers)) {
@@ -974,21 +982,6 @@ async fn usage_page(
     )
 }
 
-/// One CSV field: quoted when needed, and a leading `= + - @` defused so a spreadsheet does not
-/// run a username or model name as a formula.
-fn csv_field(text: &str) -> String {
-    let text = if text.starts_with(['=', '+', '-', '@']) {
-        format!("'{text}")
-    } else {
-        text.to_string()
-    };
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text
-    }
-}
-
 async fn usage_csv(
     viewer: Viewer,
     State(state): State<Arc<GatewayState>>,
@@ -1004,8 +997,8 @@ async fn usage_csv(
         let u = &r.token_usage;
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{}\r\n",
-            csv_field(&r.key),
-            csv_field(&rollup_label(r)),
+            csv::field(&r.key),
+            csv::field(&rollup_label(r)),
             r.interception_count,
             u.input_tokens,
             u.output_tokens,

@@ -564,10 +564,11 @@ impl Gateway {
             };
             return Err(Refusal::new(RefusalKind::Unauthenticated, hint));
         };
+        let client = Self::client_of(session);
         match self
             .state
             .keys
-            .resolve(&secret, &self.state.store, &self.state.db)
+            .resolve(&secret, client, &self.state.store, &self.state.db)
             .await
         {
             Ok(Some(p)) => Ok((p, source)),
@@ -575,7 +576,10 @@ impl Gateway {
                 RefusalKind::Unauthenticated,
                 "invalid or revoked Tollgate key",
             )),
-            Err(e) => {
+            Err(crate::auth::KeyCheckError::Throttled(throttled)) => {
+                Err(Self::throttled_refusal(throttled))
+            }
+            Err(crate::auth::KeyCheckError::Store(e)) => {
                 tracing::error!(error = %e, "key lookup failed");
                 Err(Refusal::new(
                     RefusalKind::StoreUnavailable,
@@ -584,6 +588,28 @@ impl Gateway {
                 .with_header("retry-after", "5"))
             }
         }
+    }
+
+    /// The address a request came from (inside a proxy tunnel: the tunnel's client), for the
+    /// per-address limit on failed authentication.
+    fn client_of(session: &Session) -> crate::front_door::ClientKey {
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        crate::front_door::ClientKey::of(ip)
+    }
+
+    /// 429 in the provider's format for an address that failed authentication too often: its
+    /// key was not looked up.
+    fn throttled_refusal(throttled: crate::auth::failures::Throttled) -> Refusal {
+        let secs = throttled.retry_after.as_secs().max(1);
+        Refusal::new(
+            RefusalKind::RateLimited,
+            format!("too many failed authentications from this address; retry in {secs} s"),
+        )
+        .with_header("retry-after", secs.to_string())
+        .with_code("too_many_failed_authentications")
     }
 
     /// Phase 4: the key policy (contract truth table) picks the upstream credential.

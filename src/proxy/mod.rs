@@ -2,17 +2,21 @@
 //!
 //! For each connection on the proxy listener (after the listener's own TLS, when the proxy URL
 //! is `https://`):
-//! 1. [`head::read_head`] reads the first request head (at most [`HEAD_CAP`] bytes, within the
-//!    handshake timeout).
+//! 0. The connection needs a place from the proxy listener's [`ConnectionLimiter`] (in all and
+//!    per client address); without one it is turned away.
+//! 1. [`head::read_head`] reads the first request head (at most `server.max_request_head_bytes`,
+//!    431 above; within the handshake timeout).
 //! 2. Not a CONNECT: the connection, with the bytes already read put back in front
-//!    ([`stream::PrefixedStream`]), goes to the normal gateway, so the proxy port also serves the
-//!    provider routes.
+//!    ([`stream::PrefixedStream`]), goes to the gateway listener's loop ([`GatewayListener`]),
+//!    so the proxy port also serves the provider routes, with every later head bounded too.
 //! 3. CONNECT to a port not in `proxy.allowed_ports` (80 and 443 by default): 403.
 //! 4. CONNECT to a host in some provider's `mitm_hosts`: the `Proxy-Authorization: Basic` password
 //!    must be a valid Tollgate key (else 407). Then `200`, a TLS handshake with a leaf minted for
-//!    that host ([`mitm`]), and the decrypted connection is handed to a pingora `HttpProxy`
-//!    around [`Gateway::for_tunnel`]: every request inside goes to that provider, as the key's
-//!    owner, through the same pipeline as the gateway routes (HTTP/1.1 keep-alive or HTTP/2).
+//!    that host ([`mitm`]), and the decrypted connection is served around
+//!    [`Gateway::for_tunnel`]: every request inside goes to that provider, as the key's owner,
+//!    through the same pipeline as the gateway routes. HTTP/1.1 goes through the gateway
+//!    listener's loop (every head bounded in time and size), HTTP/2 through a pingora
+//!    `HttpProxy` (its header lists capped at `server.max_request_head_bytes`).
 //! 5. Any other CONNECT: refused when `proxy.tunnel = "deny"`; else resolved, checked against
 //!    the destination policy ([`destination`]) and connected, then `200`. The client's first
 //!    bytes are read ([`client_hello`], within the handshake timeout) and judged ([`governed`]):
@@ -44,13 +48,16 @@ use bytes::{Bytes, BytesMut};
 use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::{Ssl, Stream, ALPN};
-use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::auth::failures::Throttled;
+use crate::auth::KeyCheckError;
 use crate::config::{ProxyConfig, TunnelPolicy};
-use crate::gateway::{Gateway, GatewayState};
+use crate::front_door::connections::turn_away;
+use crate::front_door::{linger_close, ClientKey, ConnectionLimiter, HeadLimits, LINGER};
+use crate::gateway::{Gateway, GatewayListener, GatewayState};
 use crate::telemetry::metric;
 use crate::tls::{LeafCertCache, MitmCa, TlsError};
 
@@ -62,8 +69,6 @@ use mitm::{MitmHost, MitmHosts};
 use stream::PrefixedStream;
 use tunnel::{DialError, TunnelEnd};
 
-/// Largest request head the proxy reads (the CONNECT line and its headers).
-pub const HEAD_CAP: usize = 16 * 1024;
 /// Hosts whose leaf certificates are kept (far more than any configured `mitm_hosts`).
 const LEAF_CACHE_CAPACITY: usize = 1024;
 /// Resolving and connecting to a tunnel destination.
@@ -71,9 +76,6 @@ const TUNNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the MITM hosts' addresses to be resolved again (it runs while the client
 /// sends its ClientHello); past it, the addresses known so far decide.
 const GOVERNED_LOOKUP_WAIT: Duration = Duration::from_secs(2);
-/// How long a refused client may keep sending before the connection is closed under it.
-const LINGER: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 2 * 1024 * 1024;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,8 @@ pub enum ConnectRefusal {
     ProxyAuthRequired(&'static str),
     #[error("Tollgate cannot check keys right now (database unavailable)")]
     KeyCheckUnavailable,
+    #[error("{0}: the proxy password was not checked")]
+    AuthThrottled(Throttled),
     #[error("{0}")]
     Unreachable(String),
     #[error("{0}")]
@@ -123,6 +127,7 @@ impl ConnectRefusal {
             | ConnectRefusal::ReservedDestination(_) => (403, "Forbidden"),
             ConnectRefusal::ProxyAuthRequired(_) => (407, "Proxy Authentication Required"),
             ConnectRefusal::KeyCheckUnavailable => (503, "Service Unavailable"),
+            ConnectRefusal::AuthThrottled(_) => (429, "Too Many Requests"),
             ConnectRefusal::Unreachable(_) => (502, "Bad Gateway"),
             ConnectRefusal::UpstreamTimeout(_) => (504, "Gateway Timeout"),
         }
@@ -138,6 +143,7 @@ impl ConnectRefusal {
             ConnectRefusal::ReservedDestination(_) => "reserved_destination",
             ConnectRefusal::ProxyAuthRequired(_) => "proxy_auth_required",
             ConnectRefusal::KeyCheckUnavailable => "key_check_unavailable",
+            ConnectRefusal::AuthThrottled(_) => "auth_throttled",
             ConnectRefusal::Unreachable(_) => "unreachable",
             ConnectRefusal::UpstreamTimeout(_) => "timeout",
             ConnectRefusal::NotTls(_) => "not_tls",
@@ -177,7 +183,11 @@ pub struct ForwardProxy {
     /// The listener's own TLS (an `https://` proxy URL).
     listener_tls: Option<Acceptor>,
     /// The gateway for requests that are not CONNECT.
-    gateway: Arc<HttpProxy<Gateway>>,
+    gateway: GatewayListener,
+    /// Bounds on every request head (the CONNECT's, and every head inside an HTTP/1.1 tunnel).
+    heads: HeadLimits,
+    /// The proxy listener's connection limits.
+    connections: Arc<ConnectionLimiter>,
     /// pingora configuration for the per-tunnel `HttpProxy`s (see [`tunnel_server_conf`]).
     tunnel_conf: Arc<ServerConf>,
     tunnel_options: HttpServerOptions,
@@ -189,6 +199,8 @@ impl ForwardProxy {
     pub fn new(
         state: Arc<GatewayState>,
         config: &ProxyConfig,
+        heads: HeadLimits,
+        connections: Arc<ConnectionLimiter>,
     ) -> Result<ForwardProxy, ProxyStartError> {
         for path in [&config.ca_cert, &config.ca_key] {
             if !path.exists() {
@@ -220,10 +232,7 @@ impl ForwardProxy {
         let tunnel_conf = tunnel_server_conf(state.config().server.threads);
         let mut tunnel_options = HttpServerOptions::default();
         tunnel_options.h2_idle_timeout = Some(config.idle_timeout);
-        let gateway = Arc::new(pingora::proxy::http_proxy(
-            &tunnel_conf,
-            Gateway::new(state.clone()),
-        ));
+        let gateway = GatewayListener::new(Gateway::new(state.clone()), heads, None);
         Ok(ForwardProxy {
             settings: ProxySettings {
                 handshake_timeout: config.handshake_timeout,
@@ -236,6 +245,8 @@ impl ForwardProxy {
             governed,
             listener_tls,
             gateway,
+            heads,
+            connections,
             tunnel_conf,
             tunnel_options,
             state,
@@ -254,6 +265,7 @@ impl ForwardProxy {
     /// One connection, from its first byte to its end.
     async fn serve(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let peer = peer_of(&stream);
+        let client = ClientKey::of_stream(&stream);
         let mut stream: Stream = match &self.listener_tls {
             None => stream,
             Some(tls) => {
@@ -276,13 +288,14 @@ impl ForwardProxy {
         let mut buf = BytesMut::with_capacity(1024);
         let read = tokio::time::timeout(
             self.settings.handshake_timeout,
-            head::read_head(&mut stream, &mut buf, HEAD_CAP),
+            head::read_head(&mut stream, &mut buf, self.heads.max_bytes),
         )
         .await;
         let head = match read {
             Ok(Ok(head)) => head,
             Ok(Err(HeadError::TooLarge(_))) => {
-                let refusal = ConnectRefusal::HeadTooLarge(HEAD_CAP);
+                metrics::counter!(metric::REQUEST_HEADS_TOO_LARGE_TOTAL).increment(1);
+                let refusal = ConnectRefusal::HeadTooLarge(self.heads.max_bytes);
                 log_refusal(&peer, None, &refusal);
                 respond(stream, &refusal).await;
                 return;
@@ -300,6 +313,9 @@ impl ForwardProxy {
                 return;
             }
             Err(_) => {
+                if !buf.is_empty() {
+                    metrics::counter!(metric::CLIENT_HEADER_TIMEOUTS_TOTAL).increment(1);
+                }
                 tracing::debug!(peer = %peer, "no request head within the handshake timeout; closing");
                 return;
             }
@@ -307,7 +323,9 @@ impl ForwardProxy {
         if !head.method.eq_ignore_ascii_case("CONNECT") {
             // The gateway reads the head again from the replayed bytes.
             let replay = PrefixedStream::new(buf.freeze(), stream);
-            self.gateway.process_new(Box::new(replay), shutdown).await;
+            self.gateway
+                .serve_connection(Box::new(replay), shutdown)
+                .await;
             return;
         }
         let early = buf.split_off(head.len).freeze();
@@ -329,7 +347,7 @@ impl ForwardProxy {
         }
         match self.mitm.get(&target.host) {
             Some(host) => {
-                let key = match self.check_key(&head).await {
+                let key = match self.check_key(&head, client).await {
                     Ok(key) => key,
                     Err(refusal) => return self.deny(stream, &peer, Some(&target), refusal).await,
                 };
@@ -344,7 +362,11 @@ impl ForwardProxy {
     }
 
     /// The proxy password must be a valid Tollgate key before anything is decrypted.
-    async fn check_key(&self, head: &RequestHead) -> Result<String, ConnectRefusal> {
+    async fn check_key(
+        &self,
+        head: &RequestHead,
+        client: ClientKey,
+    ) -> Result<String, ConnectRefusal> {
         let Some(key) = head.proxy_authorization.as_deref().and_then(proxy_key) else {
             return Err(ConnectRefusal::ProxyAuthRequired(
                 "missing proxy credentials",
@@ -353,14 +375,17 @@ impl ForwardProxy {
         match self
             .state
             .keys
-            .resolve(&key, &self.state.store, &self.state.db)
+            .resolve(&key, client, &self.state.store, &self.state.db)
             .await
         {
             Ok(Some(_)) => Ok(key),
             Ok(None) => Err(ConnectRefusal::ProxyAuthRequired(
                 "invalid or revoked Tollgate key",
             )),
-            Err(e) => {
+            Err(KeyCheckError::Throttled(throttled)) => {
+                Err(ConnectRefusal::AuthThrottled(throttled))
+            }
+            Err(KeyCheckError::Store(e)) => {
                 tracing::error!(error = %e, "key lookup for a CONNECT failed");
                 Err(ConnectRefusal::KeyCheckUnavailable)
             }
@@ -445,31 +470,37 @@ impl ForwardProxy {
                 return;
             }
         };
-        // An HTTP/2 client sends its preface right after the handshake; pingora would wait for
-        // it without a limit, so it must arrive within the handshake timeout. (HTTP/1.1 has
-        // pingora's own 60 s read timeout for the first request.)
-        let decrypted: Stream = if tls.selected_alpn_proto() == Some(ALPN::H2) {
-            let mut preface = vec![0u8; 4096];
-            let deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
-            let mut tls = tls;
-            match tokio::time::timeout_at(deadline, tls.read(&mut preface)).await {
-                Ok(Ok(n)) if n > 0 => {
-                    preface.truncate(n);
-                    Box::new(PrefixedStream::new(Bytes::from(preface), Box::new(tls)))
-                }
-                _ => {
-                    tracing::info!(peer = %peer, target = %target, "no HTTP/2 preface after the MITM handshake; closing");
-                    return;
-                }
-            }
-        } else {
-            Box::new(tls)
-        };
-        // One HttpProxy per tunnel: it carries the provider and the caller, for HTTP/1.1
-        // keep-alive and for every HTTP/2 stream alike.
         let gateway = Gateway::for_tunnel(self.state.clone(), host.provider.clone(), key);
+        if tls.selected_alpn_proto() != Some(ALPN::H2) {
+            // HTTP/1.1: the gateway listener's loop bounds every head in the tunnel.
+            GatewayListener::new(gateway, self.heads, None)
+                .serve_connection(Box::new(tls), shutdown)
+                .await;
+            return;
+        }
+        // An HTTP/2 client sends its preface right after the handshake; pingora would wait for
+        // it without a limit, so it must arrive within the handshake timeout.
+        let mut preface = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
+        let mut tls = tls;
+        let decrypted: Stream = match tokio::time::timeout_at(deadline, tls.read(&mut preface))
+            .await
+        {
+            Ok(Ok(n)) if n > 0 => {
+                preface.truncate(n);
+                Box::new(PrefixedStream::new(Bytes::from(preface), Box::new(tls)))
+            }
+            _ => {
+                tracing::info!(peer = %peer, target = %target, "no HTTP/2 preface after the MITM handshake; closing");
+                return;
+            }
+        };
+        // One HttpProxy per tunnel: it carries the provider and the caller for every stream.
         let mut proxy = pingora::proxy::http_proxy(&self.tunnel_conf, gateway);
         proxy.server_options = Some(self.tunnel_options.clone());
+        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+        h2.max_header_list_size(u32::try_from(self.heads.max_bytes).unwrap_or(u32::MAX));
+        proxy.h2_options = Some(h2);
         Arc::new(proxy).process_new(decrypted, shutdown).await;
     }
 
@@ -527,7 +558,7 @@ impl ForwardProxy {
             }
             Verdict::Intercept { host, server_name } => {
                 drop(upstream);
-                let key = match self.check_key(head).await {
+                let key = match self.check_key(head, ClientKey::of_stream(&stream)).await {
                     Ok(key) => key,
                     Err(refusal) => {
                         let refusal = TunnelRefusal::GovernedHostBySni {
@@ -610,9 +641,19 @@ impl ForwardProxy {
 impl ServerApp for ForwardProxy {
     async fn process_new(
         self: &Arc<Self>,
-        stream: Stream,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _place = match self.connections.admit(ClientKey::of_stream(&stream)) {
+            Ok(place) => place,
+            Err(refused) => {
+                // A TLS client could not read a plain-text answer: it is only closed.
+                if self.listener_tls.is_none() {
+                    turn_away(&mut stream, &refused).await;
+                }
+                return None;
+            }
+        };
         self.serve(stream, shutdown).await;
         None
     }
@@ -660,35 +701,27 @@ pub async fn respond(stream: Stream, refusal: &ConnectRefusal) {
     if status == 407 {
         head.push_str("Proxy-Authenticate: Basic realm=\"tollgate\"\r\n");
     }
+    if let ConnectRefusal::AuthThrottled(throttled) = refusal {
+        let secs = throttled.retry_after.as_secs().max(1);
+        head.push_str(&format!("Retry-After: {secs}\r\n"));
+    }
     head.push_str("\r\n");
     head.push_str(&body);
     close_after(stream, head.as_bytes()).await;
 }
 
-/// Writes `answer` and closes with a linger: whatever the client is still sending is read and
-/// dropped for a moment, so the kernel does not reset the connection before the client has read
-/// the answer.
+/// Writes `answer` and closes with a linger ([`linger_close`]: whatever the client is still
+/// sending is read and dropped for a moment, so the kernel does not reset the connection
+/// before the client has read the answer).
 async fn close_after(mut stream: Stream, answer: &[u8]) {
     let written = tokio::time::timeout(LINGER, async {
         stream.write_all(answer).await?;
-        stream.flush().await?;
-        stream.shutdown().await
+        stream.flush().await
     })
     .await;
-    if !matches!(written, Ok(Ok(()))) {
-        return;
+    if matches!(written, Ok(Ok(()))) {
+        linger_close(&mut stream).await;
     }
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut sink = vec![0u8; 16 * 1024];
-        let mut drained = 0;
-        while drained < LINGER_BYTES {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-    })
-    .await;
 }
 
 fn log_refusal(peer: &str, target: Option<&Authority>, refusal: &ConnectRefusal) {
@@ -747,7 +780,7 @@ mod tests {
         .await;
         assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out}");
         assert!(!out.contains("Proxy-Authenticate"));
-        let out = rendered(ConnectRefusal::HeadTooLarge(HEAD_CAP)).await;
+        let out = rendered(ConnectRefusal::HeadTooLarge(64 * 1024)).await;
         assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
     }
 }

@@ -9,6 +9,7 @@
 //! Not here: deciding anything (auth, budgets, routing). The store answers questions and writes
 //! what it is given.
 
+mod dashboard_sessions;
 mod dialect;
 mod governance;
 mod journal;
@@ -32,6 +33,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
+pub use dashboard_sessions::DashboardSession;
 pub use governance::{PriceOverrideRow, SealedKeyRow, SpendLimitRow};
 pub use journal::{JournalEntry, JournalError, Recovery, SpendJournal, RECOVERED};
 pub use queries::{
@@ -56,6 +58,9 @@ pub enum StoreError {
     /// The database cannot be reached (start-up); the message names the server, not the URL.
     #[error("{0}")]
     Unavailable(String),
+    /// The SQLite file (or its WAL or shared-memory file) is open to group or others.
+    #[error("database file {0}")]
+    TooOpen(#[from] crate::private_files::TooOpen),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]
@@ -203,14 +208,7 @@ impl Store {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
             .statement_cache_capacity(STATEMENT_CACHE);
-        let file = options.get_filename();
-        if let Some(parent) = Path::new(file).parent() {
-            if !parent.as_os_str().is_empty() && !parent.exists() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    StoreError::Invalid(format!("cannot create {}: {e}", parent.display()))
-                })?;
-            }
-        }
+        prepare_sqlite_file(options.get_filename())?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -651,6 +649,30 @@ impl Store {
     }
 }
 
+/// Every prompt, tool call and thought lands in the SQLite file, so it and the WAL and
+/// shared-memory files beside it must be the owner's alone. A new file is created `0600` (in a
+/// new `0700` directory) before SQLite opens it: SQLite gives the `-wal` and `-shm` files it
+/// makes the database file's mode. An existing one open to group or others stops the start, as
+/// the secret files do. An in-memory database has no file.
+fn prepare_sqlite_file(file: &Path) -> Result<(), StoreError> {
+    let name = file.to_string_lossy();
+    if name.is_empty() || name == ":memory:" {
+        return Ok(());
+    }
+    let cannot = |what: &Path, e: std::io::Error| {
+        StoreError::Invalid(format!("cannot create {}: {e}", what.display()))
+    };
+    if let Some(parent) = file.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            crate::private_files::create_dir(parent).map_err(|e| cannot(parent, e))?;
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        crate::private_files::check(Path::new(&format!("{name}{suffix}")))?;
+    }
+    crate::private_files::create_empty(file).map_err(|e| cannot(file, e))
+}
+
 fn validate_name(what: &str, name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -735,5 +757,35 @@ mod tests {
             .await
             .unwrap();
         assert!(hashes.iter().all(|h| !h.contains(&key.secret[3..])));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_sqlite_files_are_the_owners_alone_and_an_open_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| crate::private_files::mode(p).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("data/t.db");
+        let url = format!("sqlite://{}", db.display());
+        let store = Store::connect(&url, 2).await.unwrap();
+        store.migrate().await.unwrap();
+        store.create_user("ada", false, &[]).await.unwrap();
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        for suffix in ["", "-wal", "-shm"] {
+            let file = Path::new(&format!("{}{suffix}", db.display())).to_path_buf();
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        drop(store);
+        for suffix in ["", "-wal"] {
+            let file = Path::new(&format!("{}{suffix}", db.display())).to_path_buf();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let err = Store::connect(&url, 2).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::TooOpen(_)) && err.to_string().contains("chmod 600"),
+                "{err}"
+            );
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        Store::connect(&url, 2).await.unwrap();
     }
 }

@@ -6,10 +6,14 @@
 //! to repeat (the batch insert skips interceptions already present), so a crash between commit
 //! and delete duplicates nothing. Files left by an earlier run are replayed after a restart.
 //!
+//! The files hold whole interceptions (prompts, tool calls, thoughts), so the directory is made
+//! `0700` and every file `0600` ([`crate::private_files`]); files an older version left with
+//! looser modes are tightened when found.
+//!
 //! Not here: deciding when to spill (the recorder) or writing to the database (record).
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -66,6 +70,7 @@ impl Spill {
             let entry = entry.map_err(|e| io(dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("spill-") && name.ends_with(".jsonl") {
+                crate::private_files::restrict(&entry.path()).map_err(|e| io(&entry.path(), e))?;
                 let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                 found.push((entry.path(), len));
             }
@@ -119,7 +124,7 @@ impl Spill {
             .back()
             .is_none_or(|(_, len)| *len + buf.len() as u64 > FILE_LIMIT);
         if rotate {
-            std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+            crate::private_files::create_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
             self.seq += 1;
             let name = format!(
                 "spill-{:016}-{:06}.jsonl",
@@ -129,11 +134,7 @@ impl Spill {
             self.files.push_back((self.dir.join(name), 0));
         }
         let (path, len) = self.files.back_mut().expect("a current file");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&*path)
-            .map_err(|e| io(path, e))?;
+        let mut file = crate::private_files::append(path).map_err(|e| io(path, e))?;
         file.write_all(&buf).map_err(|e| io(path, e))?;
         file.sync_data().map_err(|e| io(path, e))?;
         *len += buf.len() as u64;
@@ -183,5 +184,28 @@ fn count_lines(path: &Path) -> u64 {
             .filter(|l| !l.is_empty())
             .count() as u64,
         Err(_) => 0,
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use crate::private_files::mode;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn spill_files_are_the_owners_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spill");
+        let mut spill = Spill::open(&dir, 1 << 20).unwrap();
+        spill.append(&[]).unwrap();
+        assert_eq!(mode(&dir).unwrap(), 0o700);
+        let (file, _) = spill.files.back().unwrap().clone();
+        assert_eq!(mode(&file).unwrap(), 0o600);
+
+        // A file an older version left readable is tightened when the spill is opened again.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Spill::open(&dir, 1 << 20).unwrap();
+        assert_eq!(mode(&file).unwrap(), 0o600);
     }
 }

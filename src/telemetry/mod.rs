@@ -57,6 +57,13 @@ pub mod metric {
     pub const UPSTREAM_TIMEOUTS_TOTAL: &str = "tollgate_upstream_timeouts_total";
     pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
     pub const CLIENT_HEADER_TIMEOUTS_TOTAL: &str = "tollgate_client_header_timeouts_total";
+    pub const REQUEST_HEADS_TOO_LARGE_TOTAL: &str = "tollgate_request_heads_too_large_total";
+    pub const CONNECTIONS_OPEN: &str = "tollgate_connections_open";
+    pub const CONNECTIONS_REFUSED_TOTAL: &str = "tollgate_connections_refused_total";
+    pub const FD_LIMIT: &str = "tollgate_fd_limit";
+    pub const FDS_OPEN: &str = "tollgate_fds_open";
+    pub const FD_HEADROOM: &str = "tollgate_fd_headroom";
+    pub const AUTH_FAILURES_THROTTLED_TOTAL: &str = "tollgate_auth_failures_throttled_total";
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle (tests may start
@@ -106,6 +113,8 @@ fn register_known_series() {
         metric::RECORDER_SPILLED_TOTAL,
         metric::LEAF_CERTS_MINTED_TOTAL,
         metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
+        metric::REQUEST_HEADS_TOO_LARGE_TOTAL,
+        metric::AUTH_FAILURES_THROTTLED_TOTAL,
         metric::JOURNAL_ERRORS_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
@@ -247,7 +256,32 @@ fn describe() {
     );
     describe_counter!(
         metric::CLIENT_HEADER_TIMEOUTS_TOTAL,
-        "Gateway connections closed because the first request head did not arrive in time."
+        "Connections closed because a request head was begun but not finished within server.client_header_timeout_ms (gateway listener, proxy port and tunnels; the admin listener closes them without counting)."
+    );
+    describe_counter!(
+        metric::REQUEST_HEADS_TOO_LARGE_TOTAL,
+        "Request heads refused with 431 for exceeding server.max_request_head_bytes."
+    );
+    describe_gauge!(
+        metric::CONNECTIONS_OPEN,
+        "Client connections held, per listener (gateway, proxy, admin)."
+    );
+    describe_counter!(
+        metric::CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at once because their listener (listener_full) or their client address (client_full) held its limit."
+    );
+    describe_gauge!(
+        metric::FD_LIMIT,
+        "The process's open-file limit (soft RLIMIT_NOFILE) after start-up raised it."
+    );
+    describe_gauge!(metric::FDS_OPEN, "File descriptors the process holds.");
+    describe_gauge!(
+        metric::FD_HEADROOM,
+        "File descriptors left before the open-file limit (fd_limit - fds_open)."
+    );
+    describe_counter!(
+        metric::AUTH_FAILURES_THROTTLED_TOTAL,
+        "Key checks answered 429 without a lookup because their client address failed authentication too often."
     );
 }
 

@@ -1,3 +1,4 @@
+pub mod dashboard;
 pub mod mock;
 pub mod server;
 pub mod tunnel;

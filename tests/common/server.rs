@@ -109,6 +109,8 @@ pub struct TollgateBuilder {
     database: Option<PathBuf>,
     /// Use this database URL instead of a fresh database (a restart, on either backend).
     database_url: Option<String>,
+    /// The server's open-file limit (soft and hard), as `prlimit --nofile` would set it.
+    open_file_limit: Option<u64>,
 }
 
 impl TollgateBuilder {
@@ -168,6 +170,12 @@ impl TollgateBuilder {
     /// `extra` holds more `[proxy]` keys.
     pub fn proxy(mut self, extra: &str) -> Self {
         self.proxy = Some(extra.to_string());
+        self
+    }
+
+    /// Starts the server with this open-file limit (soft and hard), as `prlimit --nofile=N:N`.
+    pub fn open_file_limit(mut self, limit: u64) -> Self {
+        self.open_file_limit = Some(limit);
         self
     }
 
@@ -264,6 +272,22 @@ impl TollgateBuilder {
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = self.open_file_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
         }
         let mut child = cmd.spawn().expect("spawn tollgate");
         let logs = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -366,6 +390,7 @@ impl Tollgate {
             files: Vec::new(),
             database: None,
             database_url: None,
+            open_file_limit: None,
         }
     }
 
@@ -654,6 +679,60 @@ impl Tollgate {
         tokio::time::sleep(Duration::from_millis(50)).await;
         (ok, self.logs())
     }
+}
+
+/// The text of the admin listener's `/metrics`.
+pub async fn metrics(tg: &Tollgate) -> String {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/metrics", tg.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one metric line (`name{labels}` exactly as rendered), if present.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Samples the RSS of `pid` every 25 ms until `stop` is set; returns the peak.
+pub fn watch_rss(
+    pid: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            peak = peak.max(rss(pid));
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        peak.max(rss(pid))
+    })
+}
+
+/// Descriptors a process holds (entries of /proc/PID/fd).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 impl Drop for Tollgate {

@@ -105,6 +105,14 @@ pub fn der_of(pem: &str) -> Vec<CertificateDer<'static>> {
         .unwrap()
 }
 
+/// A TCP connection to `addr` made from the loopback address `source` (e.g. `127.0.0.2`: a
+/// second client address on the same machine, for per-address limits).
+pub async fn connect_from(source: &str, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
 /// Sends raw bytes to `addr` and returns everything answered until close (or `wait`).
 pub async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
