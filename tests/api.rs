@@ -597,11 +597,15 @@ async fn pages_have_no_duplicates_or_gaps_while_new_interceptions_arrive() {
         if page_ids.is_empty() {
             break;
         }
-        let times: Vec<&str> = page["sessions"]
+        // Compared as times: RFC 3339 strings of a whole second ("…:12Z") and of a fraction
+        // ("…:12.345Z") do not sort as text.
+        let times: Vec<chrono::DateTime<chrono::FixedOffset>> = page["sessions"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|s| s["last_active_at"].as_str().unwrap())
+            .map(|s| {
+                chrono::DateTime::parse_from_rfc3339(s["last_active_at"].as_str().unwrap()).unwrap()
+            })
             .collect();
         assert!(times.windows(2).all(|w| w[0] >= w[1]), "by last activity");
         seen.extend(page_ids.iter().cloned());
@@ -674,7 +678,8 @@ async fn sessions_group_client_sessions_tool_threads_and_lone_calls() {
         work["cost_usd"],
         tollgate::money::NanoUsd(cost).to_usd_string()
     );
-    assert!(work["started_at"].as_str() <= work["ended_at"].as_str());
+    let time = |k: &str| chrono::DateTime::parse_from_rfc3339(work[k].as_str().unwrap()).unwrap();
+    assert!(time("started_at") <= time("ended_at"));
     assert_eq!(work["ended_at"], work["last_active_at"]);
 
     // A tool result joins the thread of the call that made the tool call.

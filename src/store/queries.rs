@@ -871,25 +871,44 @@ impl<'a> Queries<'a> {
                 USAGE_SUMS.replace("COUNT(*)", "CAST(SUM(i.interception_count) AS BIGINT)"),
             ),
         };
+        // Sums per raw key first (a user id, a model, a day), then names joined to those few
+        // rows: joining the user (or their groups) to every bucket made the user report several
+        // times dearer than the others on a large range.
         per_backend!(self.store, |pool| {
-            let (key, label, joins) = match group_by {
+            let inner_key = match group_by {
+                // Not in the order of `usage_hourly_user`: a scan and a sort beat a walk of
+                // the index that visits the table once per bucket.
+                UsageGroupBy::User | UsageGroupBy::Group => format!("{}i.user_id", Db::UNINDEXED),
+                UsageGroupBy::Model => "i.model".to_string(),
+                UsageGroupBy::Provider => "i.provider".to_string(),
+                UsageGroupBy::Client => "i.client".to_string(),
+                UsageGroupBy::Day => Db::utc_day(time),
+            };
+            let (outer, close) = match group_by {
                 UsageGroupBy::User => (
-                    Db::as_text("i.user_id"),
-                    "MAX(u.username)".to_string(),
-                    " LEFT JOIN users u ON u.id = i.user_id",
+                    format!(
+                        "SELECT {} AS k, u.username AS label, s.input_tokens, s.output_tokens, \
+                         s.cache_read_input_tokens, s.cache_write_input_tokens, s.reasoning_tokens, \
+                         s.cost_nano_usd, s.interception_count FROM (",
+                        Db::as_text("s.k")
+                    ),
+                    ") s LEFT JOIN users u ON u.id = s.k",
                 ),
                 UsageGroupBy::Group => (
-                    Db::as_text("g.id"),
-                    "MAX(g.name)".to_string(),
-                    " JOIN group_members gm ON gm.user_id = i.user_id JOIN groups g ON g.id = gm.group_id",
+                    format!(
+                        "SELECT {} AS k, MAX(g.name) AS label, {} FROM (",
+                        Db::as_text("g.id"),
+                        USAGE_SUMS
+                            .replace("i.", "s.")
+                            .replace("COUNT(*)", "CAST(SUM(s.interception_count) AS BIGINT)")
+                    ),
+                    ") s JOIN group_members gm ON gm.user_id = s.k \
+                     JOIN groups g ON g.id = gm.group_id GROUP BY g.id",
                 ),
-                UsageGroupBy::Model => ("i.model".to_string(), "NULL".to_string(), ""),
-                UsageGroupBy::Provider => ("i.provider".to_string(), "NULL".to_string(), ""),
-                UsageGroupBy::Client => ("i.client".to_string(), "NULL".to_string(), ""),
-                UsageGroupBy::Day => (Db::utc_day(time), "NULL".to_string(), ""),
+                _ => (String::new(), ""),
             };
             let mut qb = QueryBuilder::<Db>::new(format!(
-                "SELECT {key} AS k, {label} AS label, {sums} FROM {table} i{joins} WHERE 1=1"
+                "{outer}SELECT {inner_key} AS k, NULL AS label, {sums} FROM {table} i WHERE 1=1"
             ));
             if let Some(t) = from {
                 qb.push(format!(" AND {time} >= "));
@@ -907,7 +926,7 @@ impl<'a> Queries<'a> {
                 qb.push(" AND i.model = ");
                 Db::push_text(&mut qb, m.clone());
             }
-            qb.push(" GROUP BY k");
+            qb.push(format!(" GROUP BY {inner_key}{close}"));
             let mut out = Vec::new();
             for r in qb.build().fetch_all(pool).await? {
                 out.push(UsageRow {
