@@ -1,7 +1,7 @@
 //! Tollgate: a governed gateway for LLM traffic.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; integration tests and benchmarks
-//! use the same modules. One module per concern: `config`, `gateway` (the request pipeline),
+//! use the same modules. One module per concern: `app` (the state every listener shares), `config`, `gateway` (the request pipeline),
 //! `providers` (wire formats), `sse`, `clients`, `auth`, `governance`, `store`, `api`,
 //! `telemetry`, `proxy` (the HTTPS_PROXY front door), `tls` (its CA and certificates),
 //! `private_files` (owner-only files for records and secrets), `front_door` (what every listener
@@ -12,6 +12,7 @@
 mod stream_wrap;
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod clients;
 pub mod config;

@@ -20,10 +20,11 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
+use crate::app::AppState;
 use crate::config::Config;
 use crate::front_door::descriptors::{self, DescriptorPlan};
 use crate::front_door::{ConnectionLimiter, HeadLimits};
-use crate::gateway::{Gateway, GatewayListener, GatewayState};
+use crate::gateway::{Gateway, GatewayListener};
 use crate::governance::keyvault::KeyVault;
 use crate::proxy::ForwardProxy;
 use crate::store::{Recorder, SpendJournal, Store};
@@ -74,7 +75,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     } else {
         None
     };
-    let state = Arc::new(GatewayState::new(
+    let state = Arc::new(AppState::new(
         config.clone(),
         store,
         background.handle().clone(),
@@ -262,7 +263,7 @@ async fn trim_heap() {
 
 /// Every couple of seconds: caps and prices from the store (changes made through another
 /// replica or the CLI), the ledger on period roll-over, and the seat gauges.
-async fn refresh_governance(state: Arc<GatewayState>) {
+async fn refresh_governance(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -323,7 +324,7 @@ fn reserve_held(
     Ok((probe.local_addr()?, probe))
 }
 
-pub(crate) fn warn_about_missing_keys(state: &GatewayState) {
+pub(crate) fn warn_about_missing_keys(state: &AppState) {
     let config = state.config();
     let policy = config.keys;
     for route in state.providers() {

@@ -35,7 +35,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use error::ApiError;
 
 #[derive(OpenApi)]
@@ -126,7 +126,7 @@ impl utoipa::Modify for ThrottledAuth {
 }
 
 /// Every route with its OpenAPI entry: the single list both are built from.
-pub fn routes() -> (Router<Arc<GatewayState>>, utoipa::openapi::OpenApi) {
+pub fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(interceptions::list_interceptions))
         .routes(routes!(interceptions::get_interception))
@@ -174,7 +174,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// Builds the admin router.
-pub fn router(state: Arc<GatewayState>) -> Router {
+pub fn router(state: Arc<AppState>) -> Router {
     let (router, doc) = routes();
     // Rendered once: the document is static for the life of the process.
     let json = doc.to_json().unwrap_or_else(|e| {

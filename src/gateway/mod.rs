@@ -30,8 +30,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
-use parking_lot::RwLock;
-use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession as UpstreamSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -39,15 +37,14 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use uuid::Uuid;
 
-use crate::auth::{presented_key, KeyCache, KeySource};
+use crate::app::AppState;
+use crate::auth::{presented_key, KeySource};
 use crate::clients::{self, ClientInfo};
-use crate::config::{Config, KeyPolicyConfig};
+use crate::config::KeyPolicyConfig;
 use crate::governance::budget::LimitScope;
 use crate::governance::estimate::{self, EstimateInput};
-use crate::governance::keyvault::KeyVault;
 use crate::governance::limits::ConcurrencyPermit;
-use crate::governance::pricing::PriceBook;
-use crate::governance::{Admission, Charge, CostRequest, Denial, Governance, Settlement};
+use crate::governance::{Admission, Charge, CostRequest, Denial, Settlement};
 use crate::money::NanoUsd;
 use crate::providers::{
     CredentialHeader, Endpoint, ErrorFormat, ParsedRequest, ProviderKind, ResponseParser,
@@ -55,7 +52,7 @@ use crate::providers::{
 };
 use crate::store::{
     contains_tollgate_key, mask_secret, CredentialKind, InterceptionRecord, InterceptionStatus,
-    Principal, Recorder, SpendJournal, Store,
+    Principal,
 };
 use crate::telemetry::{self, metric};
 use keypool::{Failover, NoKey};
@@ -68,132 +65,17 @@ pub use upstream::{DnsCache, ProviderRoute};
 /// The canonical route prefix (as Coder's AI Bridge); `/{provider}` is the short alias.
 pub const ROUTE_PREFIX: &str = "/api/v2/aibridge/";
 
-/// State shared by every request on every listener.
-pub struct GatewayState {
-    /// Replaced as a whole by a SIGHUP reload; a request takes what it needs when it needs it,
-    /// and one already holding a route finishes on it.
-    config: RwLock<Arc<Config>>,
-    providers: RwLock<Arc<HashMap<String, Arc<ProviderRoute>>>>,
-    pub keys: KeyCache,
-    pub store: Store,
-    /// The runtime that owns the database pool; cache misses run there.
-    pub db: tokio::runtime::Handle,
-    pub recorder: Recorder,
-    /// Settled interceptions, on disk before their last byte goes out (see `SpendJournal`).
-    journal: Option<Arc<SpendJournal>>,
-    pub governance: Governance,
-    /// Decrypts stored personal provider keys (present when user keys are allowed).
-    pub vault: Option<KeyVault>,
-    stored_keys: StoredKeyCache,
-    dns: Arc<DnsCache>,
-    connector: Connector,
-    threads: ThreadIndex,
-}
-
-impl GatewayState {
-    pub fn new(
-        config: Arc<Config>,
-        store: Store,
-        db: tokio::runtime::Handle,
-        recorder: Recorder,
-        journal: Option<Arc<SpendJournal>>,
-        vault: Option<KeyVault>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> GatewayState {
-        let providers = provider_routes(&config, &env);
-        let mut governance = Governance::new(&config);
-        if store.shares_spend() {
-            governance.share_spend_through(store.clone());
-        }
-        GatewayState {
-            keys: KeyCache::new(config.auth.key_cache_ttl),
-            providers: RwLock::new(Arc::new(providers)),
-            store,
-            db,
-            recorder,
-            journal,
-            governance,
-            vault,
-            stored_keys: StoredKeyCache::new(config.auth.key_cache_ttl),
-            dns: DnsCache::new(Duration::from_secs(30)),
-            connector: Connector::new(None),
-            threads: ThreadIndex::new(100_000),
-            config: RwLock::new(config),
-        }
-    }
-
-    /// The configuration in force (the latest one a reload accepted).
-    pub fn config(&self) -> Arc<Config> {
-        self.config.read().clone()
-    }
-
-    pub fn provider(&self, name: &str) -> Option<Arc<ProviderRoute>> {
-        self.providers.read().get(name).cloned()
-    }
-
-    pub fn providers(&self) -> Vec<Arc<ProviderRoute>> {
-        self.providers.read().values().cloned().collect()
-    }
-
-    /// Swaps in a reloaded configuration: new provider routes (fresh key pools and breakers),
-    /// prices, budget defaults and limits. Requests in flight keep the routes they hold.
-    pub async fn reconfigure(&self, config: Arc<Config>, env: impl Fn(&str) -> Option<String>) {
-        let providers = provider_routes(&config, &env);
-        *self.providers.write() = Arc::new(providers);
-        self.governance.reconfigure(&config);
-        *self.config.write() = config;
-        if let Err(e) = self.governance.refresh(&self.store, Utc::now()).await {
-            tracing::warn!(error = %e, "governance refresh after a reload failed; retrying on the next tick");
-        }
-    }
-
-    pub fn prices(&self) -> Arc<PriceBook> {
-        self.governance.prices()
-    }
-
-    /// Called by the management API after it changed users, groups, keys, budgets or prices,
-    /// so this replica applies the change at once (other replicas pick it up on refresh).
-    pub async fn governance_changed(&self) {
-        self.keys.clear();
-        self.stored_keys.clear();
-        if let Err(e) = self.governance.refresh(&self.store, Utc::now()).await {
-            tracing::warn!(error = %e, "governance refresh after a change failed; retrying on the next tick");
-        }
-    }
-
-    /// Forgets a user's cached stored provider key (after it was replaced or deleted).
-    pub fn stored_key_changed(&self) {
-        self.stored_keys.clear();
-    }
-}
-
-fn provider_routes(
-    config: &Config,
-    env: &impl Fn(&str) -> Option<String>,
-) -> HashMap<String, Arc<ProviderRoute>> {
-    config
-        .providers
-        .iter()
-        .map(|(name, p)| {
-            (
-                name.clone(),
-                Arc::new(ProviderRoute::from_config(name, p, env)),
-            )
-        })
-        .collect()
-}
-
 /// The pingora service value. `fixed_provider` is set for the proxy front door, where the
 /// CONNECT target (not the path) says which provider a request is for; `tunnel_key` is then the
 /// Tollgate key the CONNECT carried in `Proxy-Authorization`.
 pub struct Gateway {
-    state: Arc<GatewayState>,
+    state: Arc<AppState>,
     fixed_provider: Option<Arc<ProviderRoute>>,
     tunnel_key: Option<String>,
 }
 
 impl Gateway {
-    pub fn new(state: Arc<GatewayState>) -> Gateway {
+    pub fn new(state: Arc<AppState>) -> Gateway {
         Gateway {
             state,
             fixed_provider: None,
@@ -204,7 +86,7 @@ impl Gateway {
     /// The gateway behind one decrypted CONNECT tunnel: every request inside goes to
     /// `provider` and is made by the holder of `tollgate_key` (the proxy credentials).
     pub fn for_tunnel(
-        state: Arc<GatewayState>,
+        state: Arc<AppState>,
         provider: Arc<ProviderRoute>,
         tollgate_key: String,
     ) -> Gateway {
@@ -1466,13 +1348,13 @@ type CachedStoredKey = (Option<String>, Instant);
 
 /// Decrypted stored provider keys per (user, provider), trusted for the key cache TTL so a
 /// BYOK user does not cost a database round trip per request.
-struct StoredKeyCache {
+pub(crate) struct StoredKeyCache {
     entries: parking_lot::Mutex<HashMap<(Uuid, String), CachedStoredKey>>,
     ttl: Duration,
 }
 
 impl StoredKeyCache {
-    fn new(ttl: Duration) -> StoredKeyCache {
+    pub(crate) fn new(ttl: Duration) -> StoredKeyCache {
         StoredKeyCache {
             entries: parking_lot::Mutex::new(HashMap::new()),
             ttl,
@@ -1493,7 +1375,7 @@ impl StoredKeyCache {
         entries.insert((user, provider.to_string()), (key, Instant::now()));
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.entries.lock().clear();
     }
 }
