@@ -15,11 +15,13 @@ use pingora::connectors::http::Connector;
 
 use crate::auth::KeyCache;
 use crate::config::Config;
-use crate::gateway::{DnsCache, ProviderRoute, StoredKeyCache, ThreadIndex};
 use crate::governance::keyvault::KeyVault;
+use crate::governance::keyvault::StoredKeyCache;
 use crate::governance::pricing::PriceBook;
 use crate::governance::Governance;
+use crate::lineage::ThreadIndex;
 use crate::store::{Recorder, SpendJournal, Store};
+use crate::upstream::{DnsCache, ProviderRoute};
 
 /// State shared by every request on every listener.
 pub struct AppState {
@@ -117,6 +119,30 @@ impl AppState {
     /// Forgets a user's cached stored provider key (after it was replaced or deleted).
     pub fn stored_key_changed(&self) {
         self.stored_keys.clear();
+    }
+
+    /// Warns, at start-up and after a reload, about providers whose central keys are missing
+    /// from the environment (requests needing them are refused or use the others).
+    pub(crate) fn warn_about_missing_keys(&self) {
+        let config = self.config();
+        let policy = config.keys;
+        for route in self.providers() {
+            let needs_central = policy.central_api_key_enabled
+                && route.kind != crate::providers::ProviderKind::Copilot;
+            let Some(provider) = config.providers.get(&route.name) else {
+                continue;
+            };
+            let configured = provider.central_key_envs().count();
+            if needs_central && route.keys.len() < configured.max(1) {
+                let envs: Vec<&str> = provider.central_key_envs().collect();
+                let envs = if envs.is_empty() {
+                    "(api_key_env not set)".to_string()
+                } else {
+                    envs.join(", ")
+                };
+                tracing::warn!(provider = %route.name, api_key_env = %envs, found = route.keys.len(), configured, "central key(s) missing from the environment; requests needing them will be refused or use the others");
+            }
+        }
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn reload(state: &AppState, path: Option<&Path>) -> bool {
     state
         .reconfigure(Arc::new(applied), |name| std::env::var(name).ok())
         .await;
-    crate::server::warn_about_missing_keys(state);
+    state.warn_about_missing_keys();
     metrics::counter!(metric::CONFIG_RELOADS_TOTAL, "result" => "applied").increment(1);
     tracing::info!(
         providers,

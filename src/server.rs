@@ -93,7 +93,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     background.spawn(refresh_governance(state.clone()));
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     background.spawn(trim_heap());
-    warn_about_missing_keys(&state);
+    state.warn_about_missing_keys();
     crate::reload::install(background.handle(), state.clone(), config_path)
         .context("cannot install the SIGHUP handler")?;
     telemetry::prometheus();
@@ -123,7 +123,8 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         })?;
     let admin_addr = admin_listener.local_addr()?;
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_router = api::router(state.clone()).layer(Extension(plan.clone()));
+    let admin_router =
+        api::router(state.clone(), crate::dashboard::router()).layer(Extension(plan.clone()));
     background.spawn(api::listener::serve(
         admin_listener,
         admin_router,
@@ -322,28 +323,6 @@ fn reserve_held(
     let probe = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {key} {addr}"))?;
     Ok((probe.local_addr()?, probe))
-}
-
-pub(crate) fn warn_about_missing_keys(state: &AppState) {
-    let config = state.config();
-    let policy = config.keys;
-    for route in state.providers() {
-        let needs_central =
-            policy.central_api_key_enabled && route.kind != crate::providers::ProviderKind::Copilot;
-        let Some(provider) = config.providers.get(&route.name) else {
-            continue;
-        };
-        let configured = provider.central_key_envs().count();
-        if needs_central && route.keys.len() < configured.max(1) {
-            let envs: Vec<&str> = provider.central_key_envs().collect();
-            let envs = if envs.is_empty() {
-                "(api_key_env not set)".to_string()
-            } else {
-                envs.join(", ")
-            };
-            tracing::warn!(provider = %route.name, api_key_env = %envs, found = route.keys.len(), configured, "central key(s) missing from the environment; requests needing them will be refused or use the others");
-        }
-    }
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.

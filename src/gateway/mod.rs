@@ -14,15 +14,10 @@
 //!
 //! Not here: provider wire formats (`providers`), key storage (`store`), pricing (`governance`).
 
-mod breaker;
 mod head_deadline;
-mod keypool;
-mod lineage;
 mod listener;
 mod refusal;
-mod upstream;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +40,7 @@ use crate::governance::budget::LimitScope;
 use crate::governance::estimate::{self, EstimateInput};
 use crate::governance::limits::ConcurrencyPermit;
 use crate::governance::{Admission, Charge, CostRequest, Denial, Settlement};
+use crate::lineage::ThreadLink;
 use crate::money::NanoUsd;
 use crate::providers::{
     CredentialHeader, Endpoint, ErrorFormat, ParsedRequest, ProviderKind, ResponseParser,
@@ -55,12 +51,11 @@ use crate::store::{
     Principal,
 };
 use crate::telemetry::{self, metric};
-use keypool::{Failover, NoKey};
+use crate::upstream::keypool::{self, Failover, NoKey};
+use crate::upstream::{self, breaker, ProviderRoute};
 
-pub use lineage::{ThreadIndex, ThreadLink};
 pub use listener::GatewayListener;
 pub use refusal::{Refusal, RefusalKind};
-pub use upstream::{DnsCache, ProviderRoute};
 
 /// The canonical route prefix (as Coder's AI Bridge); `/{provider}` is the short alias.
 pub const ROUTE_PREFIX: &str = "/api/v2/aibridge/";
@@ -1343,43 +1338,6 @@ fn body_len(body: &Bytes) -> u64 {
     body.len() as u64
 }
 
-/// A decrypted key (or "none stored") and when it was looked up.
-type CachedStoredKey = (Option<String>, Instant);
-
-/// Decrypted stored provider keys per (user, provider), trusted for the key cache TTL so a
-/// BYOK user does not cost a database round trip per request.
-pub(crate) struct StoredKeyCache {
-    entries: parking_lot::Mutex<HashMap<(Uuid, String), CachedStoredKey>>,
-    ttl: Duration,
-}
-
-impl StoredKeyCache {
-    pub(crate) fn new(ttl: Duration) -> StoredKeyCache {
-        StoredKeyCache {
-            entries: parking_lot::Mutex::new(HashMap::new()),
-            ttl,
-        }
-    }
-
-    fn get(&self, user: Uuid, provider: &str) -> Option<Option<String>> {
-        let entries = self.entries.lock();
-        let (key, at) = entries.get(&(user, provider.to_string()))?;
-        (at.elapsed() < self.ttl).then(|| key.clone())
-    }
-
-    fn put(&self, user: Uuid, provider: &str, key: Option<String>) {
-        let mut entries = self.entries.lock();
-        if entries.len() > 100_000 {
-            entries.clear();
-        }
-        entries.insert((user, provider.to_string()), (key, Instant::now()));
-    }
-
-    pub(crate) fn clear(&self) {
-        self.entries.lock().clear();
-    }
-}
-
 /// The contract's key-policy truth table; `central` is asked only when the policy uses it.
 fn choose_credential(
     policy: KeyPolicyConfig,
@@ -1551,9 +1509,6 @@ fn mark_failed(
     }
 }
 
-/// How long the upstream may take to accept each write of a request (the peer's write timeout).
-const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Context of the error `send` returns when the response head did not come in time.
 const FIRST_BYTE_TIMEOUT: &str = "no response head within first_byte_timeout_ms";
 
@@ -1569,7 +1524,7 @@ fn upstream_timeout_phase(e: &Error) -> Option<(&'static str, &'static str, Time
             r.first_byte_timeout
         })),
         ErrorType::WriteTimedout => Some(("write", "fixed upstream write timeout", |_| {
-            UPSTREAM_WRITE_TIMEOUT
+            upstream::UPSTREAM_WRITE_TIMEOUT
         })),
         _ => None,
     }

@@ -19,8 +19,8 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 use crate::app::AppState;
-use crate::gateway::ProviderRoute;
 use crate::tls::{LeafCertCache, TlsError};
+use crate::upstream::ProviderRoute;
 
 /// An intercepted host: the provider its requests go to and its TLS acceptor.
 pub struct MitmHost {

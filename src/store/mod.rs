@@ -150,7 +150,7 @@ pub fn mask_secret(secret: &str) -> String {
 }
 
 /// Prepared statements kept per connection: the recorder's multi-row inserts come in about 60
-/// shapes (see `record::statement_chunks`), and the API's queries need room beside them.
+/// shapes (see `dialect::statement_chunks`), and the API's queries need room beside them.
 const STATEMENT_CACHE: usize = 256;
 
 pub(crate) fn millis(t: DateTime<Utc>) -> i64 {

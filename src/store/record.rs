@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
+use super::dialect::statement_chunks;
 use super::{millis, rollup, StoreError};
-use crate::governance::pricing::ModelPrice;
-use crate::money::NanoUsd;
+use crate::money::{ModelPrice, NanoUsd};
 use crate::providers::{Thought, TokenUsage, ToolCall, UsageSource};
 
 /// How an interception ended (contract values).
@@ -137,28 +137,6 @@ fn db_u64(v: u64) -> i64 {
 /// multi-row statements sized well under that (interceptions, 35 columns, half as many).
 /// PostgreSQL's limit (65535) is higher; one size keeps the two writers alike.
 const ROWS_PER_STATEMENT: usize = 128;
-
-/// Splits `items` into statements of `max` rows (a power of two) and then powers of two, so
-/// each table's inserts come in at most log2(max) + 1 shapes and stay prepared in the
-/// connection's statement cache. With any-size chunks, the last statement of each table in a
-/// batch had a shape seldom seen again and was parsed and planned afresh, batch after batch.
-pub(super) fn statement_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
-    debug_assert!(max.is_power_of_two());
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let take = if rest.len() >= max {
-            max
-        } else {
-            1 << rest.len().ilog2()
-        };
-        let (head, tail) = rest.split_at(take);
-        rest = tail;
-        Some(head)
-    })
-}
 
 /// The hourly rollup buckets of newly inserted interceptions.
 fn rollup_buckets<'a>(batch: &[&'a InterceptionRecord]) -> Vec<rollup::Bucket<'a>> {
@@ -595,25 +573,4 @@ async fn add_spend_postgres(
         qb.build().execute(&mut **tx).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::statement_chunks;
-
-    #[test]
-    fn statements_come_in_full_chunks_then_powers_of_two() {
-        let items: Vec<u32> = (0..300).collect();
-        let sizes: Vec<usize> = statement_chunks(&items, 128).map(<[u32]>::len).collect();
-        assert_eq!(sizes, [128, 128, 32, 8, 4]);
-        let joined: Vec<u32> = statement_chunks(&items, 128).flatten().copied().collect();
-        assert_eq!(joined, items, "every item once, in order");
-        assert_eq!(statement_chunks(&items[..0], 128).count(), 0);
-        // However a batch is cut, a table sees at most log2(max) + 1 shapes.
-        let mut shapes = std::collections::BTreeSet::new();
-        for n in 1..=1000 {
-            shapes.extend(statement_chunks(&items[..n.min(300)], 64).map(<[u32]>::len));
-        }
-        assert_eq!(shapes.len(), 7);
-    }
 }
