@@ -634,10 +634,7 @@ impl Store {
         &self,
         batch: &[InterceptionRecord],
     ) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Sqlite(pool) => record::insert_batch_sqlite(pool, batch).await,
-            Backend::Postgres(pool) => record::insert_batch_postgres(pool, batch).await,
-        }
+        record::insert_batch(self, batch).await
     }
 
     pub async fn count_interceptions(&self) -> Result<i64, StoreError> {
