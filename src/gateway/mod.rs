@@ -781,13 +781,13 @@ impl Gateway {
                 .after_answer(index, status, retry_after, &mut tried)
             {
                 Failover::Keep | Failover::Exhausted => break up,
-                Failover::Retry(next, secret, hint) => {
+                Failover::Retry(next) => {
                     let mut up = up;
                     up.shutdown().await;
-                    key = Some(secret);
-                    slot = Some(next);
+                    key = Some(next.secret);
+                    slot = Some(next.slot);
                     if let Some(o) = open.as_deref_mut() {
-                        o.credential_hint = Some(hint);
+                        o.credential_hint = Some(next.hint);
                     }
                 }
                 // Upstream errors are relayed as they came; with several keys the wait the
@@ -1366,11 +1366,11 @@ fn choose_credential(
 /// 429 with the shortest wait; all rejected by the upstream: 503).
 fn central_credential(route: &ProviderRoute) -> Result<Credential, Refusal> {
     match route.keys.pick(&[]) {
-        Ok((slot, key, hint)) => Ok(Credential {
-            key: Some(key),
+        Ok(pooled) => Ok(Credential {
+            key: Some(pooled.secret),
             kind: CredentialKind::Central,
-            hint: Some(hint),
-            pool_slot: Some(slot),
+            hint: Some(pooled.hint),
+            pool_slot: Some(pooled.slot),
         }),
         Err(NoKey::Unconfigured) => Err(Refusal::new(
             RefusalKind::KeyPolicy,
