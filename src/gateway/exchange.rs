@@ -73,7 +73,7 @@ impl Gateway {
 
             // From here the upstream may have the request, and bill it.
             if let Some(o) = open.as_deref_mut() {
-                o.request_sent = true;
+                o.progress.request_sent = true;
             }
             // While the upstream thinks (a long generation can take minutes before its first
             // byte), watch the client: if it goes away, stop waiting and stop paying for the call.
@@ -91,7 +91,7 @@ impl Gateway {
                         };
                         mark_failed(&mut open, InterceptionStatus::ClientAborted, "client disconnected before the response");
                         if let Some(o) = open.as_deref_mut() {
-                            o.upstream_wait += waited.elapsed();
+                            o.progress.upstream_wait += waited.elapsed();
                         }
                         return Err(Stop::Broken(e));
                     }
@@ -123,8 +123,8 @@ impl Gateway {
                     mark_failed(&mut open, status, &msg);
                     if let Some(o) = open.as_deref_mut() {
                         // A connection that never opened carried nothing to bill.
-                        o.request_sent = !is_connect_failure(&e);
-                        o.upstream_wait += waited.elapsed();
+                        o.progress.request_sent = !is_connect_failure(&e);
+                        o.progress.upstream_wait += waited.elapsed();
                         if let Some(t) = o.breaker.take() {
                             t.failed();
                         }
@@ -188,10 +188,10 @@ impl Gateway {
 
         let mut stripper = None;
         if let Some(o) = open.as_deref_mut() {
-            o.ttfb = Some(o.started.elapsed());
-            o.upstream_wait += waited.elapsed();
-            o.upstream_status = Some(status);
-            o.streaming = streaming;
+            o.progress.ttfb = Some(o.started.elapsed());
+            o.progress.upstream_wait += waited.elapsed();
+            o.progress.upstream_status = Some(status);
+            o.progress.streaming = streaming;
             if let Some(t) = o.breaker.take() {
                 if breaker::is_failure_status(status) {
                     t.failed();
@@ -200,7 +200,7 @@ impl Gateway {
                 }
             }
             if status < 400 {
-                o.parser = Some(route.adapter.response_parser(o.endpoint, streaming));
+                o.progress.parser = Some(route.adapter.response_parser(o.endpoint, streaming));
                 let injected_usage = o.endpoint == Endpoint::ChatCompletions
                     && o.request.stream
                     && !o.request.client_requested_usage;
@@ -271,7 +271,7 @@ impl Gateway {
             let read_started = Instant::now();
             let read = tokio::time::timeout(route.idle_timeout, conn.read_response_body()).await;
             if let Some(o) = open.as_deref_mut() {
-                o.upstream_wait += read_started.elapsed();
+                o.progress.upstream_wait += read_started.elapsed();
             }
             let Ok(read) = read else {
                 metrics::counter!(metric::UPSTREAM_TIMEOUTS_TOTAL, "provider" => route.name.clone(), "phase" => "idle").increment(1);
@@ -330,14 +330,14 @@ impl Gateway {
             };
             let mut final_event = false;
             if let Some(o) = open.as_deref_mut().filter(|o| o.summary.is_none()) {
-                match o.parser.as_mut() {
+                match o.progress.parser.as_mut() {
                     Some(p) => {
                         p.feed(&chunk);
                         final_event = p.ended();
                     }
-                    None if o.error_body.len() < ERROR_BODY_KEEP => {
-                        let keep = (ERROR_BODY_KEEP - o.error_body.len()).min(chunk.len());
-                        o.error_body.extend_from_slice(&chunk[..keep]);
+                    None if o.outcome.error_body.len() < ERROR_BODY_KEEP => {
+                        let keep = (ERROR_BODY_KEEP - o.outcome.error_body.len()).min(chunk.len());
+                        o.outcome.error_body.extend_from_slice(&chunk[..keep]);
                     }
                     None => {}
                 }
@@ -348,13 +348,7 @@ impl Gateway {
                 // act on it (a follow-up tool result may arrive the moment the client has these
                 // bytes), and before a crash could lose it (the spend journal).
                 if let Some(o) = open.as_deref_mut().filter(|o| o.summary.is_none()) {
-                    Box::pin(self.settle(o)).await;
-                    if let Some(s) = &o.settled {
-                        self.state
-                            .governance
-                            .settle_shared(&s.settlement.charge, s.settlement.cost)
-                            .await;
-                    }
+                    Box::pin(self.settle_before_last_byte(o)).await;
                 }
             }
             if done {
@@ -379,14 +373,14 @@ impl Gateway {
                 // The final event is the client's: a reset after it (HTTP/2 clients send one
                 // the moment they have it) does not undo a completed call.
                 if upstream.is_none() || o.summary.as_ref().is_some_and(|s| s.ended) {
-                    o.delivered = true;
+                    o.progress.delivered = true;
                 }
             }
         }
         if let Some(o) = open.as_deref_mut() {
             Box::pin(self.settle(o)).await;
-            if o.status.is_none() {
-                o.status = Some(if status >= 400 {
+            if o.outcome.status.is_none() {
+                o.outcome.status = Some(if status >= 400 {
                     InterceptionStatus::UpstreamError
                 } else {
                     InterceptionStatus::Completed
@@ -524,9 +518,9 @@ fn mark_failed(
     status: InterceptionStatus,
     message: &str,
 ) {
-    if let Some(o) = open.as_deref_mut().filter(|o| !o.delivered) {
-        o.status = Some(status);
-        o.error = Some(message.to_string());
+    if let Some(o) = open.as_deref_mut().filter(|o| !o.progress.delivered) {
+        o.outcome.status = Some(status);
+        o.outcome.error = Some(message.to_string());
     }
 }
 

@@ -45,23 +45,38 @@ pub(super) struct OpenInterception {
     pub(super) admission: Option<Admission>,
     /// The body as it went upstream: what an estimate of input tokens reads.
     pub(super) body: Bytes,
+    /// The circuit breaker's permission, reported with the upstream's answer.
+    pub(super) breaker: Option<breaker::Ticket>,
+    /// What the exchange has seen so far.
+    pub(super) progress: Progress,
+    /// How it failed, if it did (set by the exchange, never after the client has the answer).
+    pub(super) outcome: Outcome,
+    /// What the parser found, once the response is complete (or cut).
+    pub(super) summary: Option<ResponseSummary>,
+    /// What was charged, set together with `summary`.
+    pub(super) settled: Option<Settled>,
+}
+
+/// What the exchange reports as it goes.
+#[derive(Default)]
+pub(super) struct Progress {
     /// The request was (or may have been) delivered to the upstream, which then bills it.
     pub(super) request_sent: bool,
     /// The client has the whole answer (its final event or last byte was written): nothing it
     /// does afterwards makes the interception anything but `completed`.
     pub(super) delivered: bool,
-    /// The circuit breaker's permission, reported with the upstream's answer.
-    pub(super) breaker: Option<breaker::Ticket>,
+    /// The provider's response parser, fed every chunk of a successful answer.
     pub(super) parser: Option<Box<dyn ResponseParser>>,
-    /// What the parser found, once the response is complete (or cut).
-    pub(super) summary: Option<ResponseSummary>,
-    /// What was charged, set together with `summary`.
-    pub(super) settled: Option<Settled>,
     pub(super) streaming: bool,
     pub(super) upstream_status: Option<u16>,
     pub(super) ttfb: Option<Duration>,
     /// Time spent waiting on the upstream (connect, head, body reads).
     pub(super) upstream_wait: Duration,
+}
+
+/// How an interception failed; empty while nothing has.
+#[derive(Default)]
+pub(super) struct Outcome {
     pub(super) status: Option<InterceptionStatus>,
     pub(super) error: Option<String>,
     /// First bytes of an upstream error body, for the record.
@@ -115,19 +130,11 @@ impl Gateway {
             credential_hint: credential.hint.clone(),
             admission: None,
             body: Bytes::new(),
-            request_sent: false,
-            delivered: false,
             breaker: None,
-            parser: None,
+            progress: Progress::default(),
+            outcome: Outcome::default(),
             summary: None,
             settled: None,
-            streaming: false,
-            upstream_status: None,
-            ttfb: None,
-            upstream_wait: Duration::ZERO,
-            status: None,
-            error: None,
-            error_body: Vec::new(),
         }
     }
 
@@ -160,6 +167,19 @@ impl Gateway {
         })
     }
 
+    /// Settles at the response's final event or last chunk, before the client can act on it,
+    /// and reports the cost to the shared budget at once (other replicas see the spend before
+    /// the recorder writes it).
+    pub(super) async fn settle_before_last_byte(&self, open: &mut OpenInterception) {
+        self.settle(open).await;
+        if let Some(s) = &open.settled {
+            self.state
+                .governance
+                .settle_shared(&s.settlement.charge, s.settlement.cost)
+                .await;
+        }
+    }
+
     /// The response is over (complete or cut): takes the parser's findings, makes its tool
     /// calls known to thread lineage right away, and charges the usage: as reported, or
     /// estimated when the response carried none but the request reached the provider (which
@@ -169,6 +189,7 @@ impl Gateway {
             return;
         }
         let summary = open
+            .progress
             .parser
             .take()
             .map(|mut p| p.finish())
@@ -182,7 +203,8 @@ impl Gateway {
                 .threads
                 .remember(open.principal.user_id, &call.id, link);
         }
-        let billed = open.request_sent && open.upstream_status.is_none_or(|s| s < 400);
+        let billed =
+            open.progress.request_sent && open.progress.upstream_status.is_none_or(|s| s < 400);
         let estimate = match &open.admission {
             Some(admission) if billed && summary.usage.is_none() => Some(EstimateJob {
                 body: open.body.clone(),
@@ -249,7 +271,7 @@ impl Gateway {
     pub(super) async fn close_interception(&self, mut open: OpenInterception) {
         self.settle(&mut open).await;
         let summary = open.summary.take().unwrap_or_default();
-        let mut record = record_of(&open, &summary, status_of(&open, open.delivered));
+        let mut record = record_of(&open, &summary, status_of(&open, open.progress.delivered));
         record.prompt = open.request.last_user_prompt.take();
         record.tool_calls = summary.tool_calls;
         record.thoughts = summary.thoughts;
@@ -257,7 +279,7 @@ impl Gateway {
         telemetry::count_interception(
             &record,
             open.started.elapsed().as_secs_f64(),
-            open.upstream_wait.as_secs_f64(),
+            open.progress.upstream_wait.as_secs_f64(),
         );
         telemetry::log_interception(&record);
         self.state.recorder.submit(record);
@@ -267,8 +289,9 @@ impl Gateway {
 /// How an interception ended: the failure it recorded, else by the upstream's answer if the
 /// client has the whole answer (`delivered`), else the client went away.
 fn status_of(open: &OpenInterception, delivered: bool) -> InterceptionStatus {
-    open.status
-        .unwrap_or(match (delivered, open.upstream_status) {
+    open.outcome
+        .status
+        .unwrap_or(match (delivered, open.progress.upstream_status) {
             (true, Some(status)) if status >= 400 => InterceptionStatus::UpstreamError,
             (true, _) => InterceptionStatus::Completed,
             (false, _) => InterceptionStatus::ClientAborted,
@@ -286,9 +309,9 @@ fn record_of(
         .settled
         .as_ref()
         .expect("records are made of settled interceptions");
-    let error = open.error.clone().or_else(|| {
-        (!open.error_body.is_empty())
-            .then(|| String::from_utf8_lossy(&open.error_body).into_owned())
+    let error = open.outcome.error.clone().or_else(|| {
+        (!open.outcome.error_body.is_empty())
+            .then(|| String::from_utf8_lossy(&open.outcome.error_body).into_owned())
     });
     let thread_root = open.thread.map(|t| t.root);
     InterceptionRecord {
@@ -308,12 +331,12 @@ fn record_of(
         credential_kind: open.credential_kind,
         credential_hint: open.credential_hint.clone(),
         status,
-        upstream_status: open.upstream_status,
+        upstream_status: open.progress.upstream_status,
         error,
-        streaming: open.streaming,
+        streaming: open.progress.streaming,
         started_at: open.started_at,
         ended_at: Utc::now(),
-        ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
+        ttfb_ms: open.progress.ttfb.map(|d| d.as_millis() as u64),
         response_id: summary.response_id.clone(),
         usage: settled.usage,
         usage_source: settled.source,
@@ -354,12 +377,12 @@ fn journal_entry<'a>(
         credential_kind: open.credential_kind,
         credential_hint: open.credential_hint.as_deref(),
         status: status_of(open, true),
-        upstream_status: open.upstream_status,
-        error: open.error.as_deref(),
-        streaming: open.streaming,
+        upstream_status: open.progress.upstream_status,
+        error: open.outcome.error.as_deref(),
+        streaming: open.progress.streaming,
         started_ms: open.started_at.timestamp_millis(),
         ended_ms: Utc::now().timestamp_millis(),
-        ttfb_ms: open.ttfb.map(|d| d.as_millis() as u64),
+        ttfb_ms: open.progress.ttfb.map(|d| d.as_millis() as u64),
         response_id: summary.response_id.as_deref(),
         usage: settled.usage,
         usage_source: settled.source,
