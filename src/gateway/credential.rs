@@ -5,12 +5,11 @@
 //! Not here: the pool's cool-down and failover rules (`upstream::keypool`), the vault itself
 //! (`governance::keyvault`).
 
-use http::HeaderMap;
 use uuid::Uuid;
 
 use super::refusal::{keys_cooling_refusal, Refusal, RefusalKind};
 use super::Gateway;
-use crate::auth::KeySource;
+use crate::auth::{KeySource, PresentedCredentials};
 use crate::config::KeyPolicyConfig;
 use crate::providers::CredentialHeader;
 use crate::store::{contains_tollgate_key, mask_secret, CredentialKind, Principal};
@@ -32,21 +31,13 @@ impl Gateway {
     pub(super) async fn credential(
         &self,
         route: &ProviderRoute,
-        headers: &HeaderMap,
+        presented: PresentedCredentials,
         source: KeySource,
         principal: &Principal,
     ) -> Result<Credential, Refusal> {
-        let text = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.trim().to_string())
-        };
-        let bearer = text("authorization").and_then(|a| {
-            a.strip_prefix("Bearer ")
-                .or_else(|| a.strip_prefix("bearer "))
-                .map(|t| t.trim().to_string())
-        });
+        let PresentedCredentials {
+            bearer, x_api_key, ..
+        } = presented;
         if route.adapter.credential_header() == CredentialHeader::ClientAuthorization {
             // Copilot: the client's own GitHub token is always the credential.
             if bearer.as_deref().is_some_and(contains_tollgate_key) {
@@ -76,7 +67,7 @@ impl Gateway {
             KeySource::TollgateHeader | KeySource::ProxyCredentials
         ) {
             bearer
-                .or_else(|| text("x-api-key"))
+                .or(x_api_key)
                 .filter(|k| !k.is_empty() && !contains_tollgate_key(k))
         } else {
             None

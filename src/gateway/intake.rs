@@ -13,7 +13,7 @@ use pingora::ErrorType;
 
 use super::refusal::{Refusal, RefusalKind};
 use super::{Gateway, ROUTE_PREFIX};
-use crate::auth::{presented_key, KeySource};
+use crate::auth::{KeySource, PresentedCredentials};
 use crate::providers::{Endpoint, ErrorFormat, ProviderKind, RouteMatch};
 use crate::store::{contains_tollgate_key, Principal};
 use crate::upstream::ProviderRoute;
@@ -104,13 +104,14 @@ impl Gateway {
         &self,
         session: &Session,
         route: &ProviderRoute,
+        presented: &PresentedCredentials,
     ) -> Result<(Arc<Principal>, KeySource), Refusal> {
-        let headers = &session.req_header().headers;
         let found = match &self.tunnel_key {
             // Inside a CONNECT tunnel the proxy credentials say who is calling; the request's own
             // Authorization/x-api-key are the client's provider credentials.
-            Some(key) => Some((key.clone(), KeySource::ProxyCredentials)),
-            None => presented_key(headers)
+            Some(key) => Some((key.as_str(), KeySource::ProxyCredentials)),
+            None => presented
+                .tollgate_key()
                 // Copilot's Authorization is the user's GitHub token, never a Tollgate key.
                 .filter(|(_, source)| {
                     route.kind != ProviderKind::Copilot || *source == KeySource::TollgateHeader
@@ -128,7 +129,7 @@ impl Gateway {
         match self
             .state
             .keys
-            .resolve(&secret, client, &self.state.store, &self.state.db)
+            .resolve(secret, client, &self.state.store, &self.state.db)
             .await
         {
             Ok(Some(p)) => Ok((p, source)),
@@ -177,8 +178,8 @@ impl Gateway {
     }
 }
 
-/// Phase 1 (intake): the request body, whole and bounded (413 past `max`), read before anything is sent
-/// upstream.
+/// Phase 1 (intake): the request body, whole and bounded (413 past `max`), read before anything
+/// is sent upstream.
 pub(super) async fn read_body(
     session: &mut Session,
     max: usize,

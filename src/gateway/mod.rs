@@ -44,6 +44,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
+use crate::auth::PresentedCredentials;
 use crate::governance::limits::ConcurrencyPermit;
 use crate::telemetry::metric;
 use crate::upstream::ProviderRoute;
@@ -199,7 +200,11 @@ impl Gateway {
             metrics::counter!(metric::MITM_REQUESTS_TOTAL, "provider" => routed.route.name.clone())
                 .increment(1);
         }
-        let (principal, key_source) = self.authenticate(session, &routed.route).await?;
+        // The credential headers, read once: who is calling, and with which provider key.
+        let presented = PresentedCredentials::read(&session.req_header().headers);
+        let (principal, key_source) = self
+            .authenticate(session, &routed.route, &presented)
+            .await?;
         ctx._permit = Some(
             self.state
                 .governance
@@ -218,12 +223,7 @@ impl Gateway {
         )
         .await?;
         let credential = self
-            .credential(
-                &routed.route,
-                &session.req_header().headers,
-                key_source,
-                &principal,
-            )
+            .credential(&routed.route, presented, key_source, &principal)
             .await?;
         let endpoint = match routed.target {
             Target::Intercept(endpoint) => endpoint,
