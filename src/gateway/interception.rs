@@ -270,11 +270,7 @@ impl Gateway {
     /// structured logs, then the recorder queue (never waits).
     pub(super) async fn close_interception(&self, mut open: OpenInterception) {
         self.settle(&mut open).await;
-        let summary = open.summary.take().unwrap_or_default();
-        let mut record = record_of(&open, &summary, status_of(&open, open.progress.delivered));
-        record.prompt = open.request.last_user_prompt.take();
-        record.tool_calls = summary.tool_calls;
-        record.thoughts = summary.thoughts;
+        let record = open.finish();
         open.route.series().inflight().decrement(1.0);
         telemetry::count_interception(
             &record,
@@ -283,6 +279,19 @@ impl Gateway {
         );
         telemetry::log_interception(&record);
         self.state.recorder.submit(record);
+    }
+}
+
+impl OpenInterception {
+    /// The record a settled interception finishes as: its status, what it cost, and the
+    /// request's prompt and the response's tool calls and thoughts moved in.
+    fn finish(&mut self) -> InterceptionRecord {
+        let summary = self.summary.take().unwrap_or_default();
+        let mut record = record_of(self, &summary, status_of(self, self.progress.delivered));
+        record.prompt = self.request.last_user_prompt.take();
+        record.tool_calls = summary.tool_calls;
+        record.thoughts = summary.thoughts;
+        record
     }
 }
 
