@@ -66,33 +66,62 @@ pub enum KeySource {
     ProxyCredentials,
 }
 
-/// Finds the Tollgate key in the contract's order: `X-Tollgate-Key` (alias
-/// `X-Coder-AI-Governance-Token`), then `Authorization: Bearer`, then `x-api-key`.
+/// The credentials a request's headers carry, each header read once (trimmed): the Tollgate
+/// key's own header, the `Authorization: Bearer` token and `x-api-key`. Which of them is the
+/// Tollgate key ([`PresentedCredentials::tollgate_key`]) decides what the others mean: with the
+/// key in its own header, they carry the user's own provider key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresentedCredentials {
+    /// `X-Tollgate-Key` (alias `X-Coder-AI-Governance-Token`), possibly empty.
+    pub tollgate_header: Option<String>,
+    /// The token of `Authorization: Bearer …`, possibly empty.
+    pub bearer: Option<String>,
+    /// `x-api-key`, possibly empty.
+    pub x_api_key: Option<String>,
+}
+
+impl PresentedCredentials {
+    pub fn read(headers: &HeaderMap) -> PresentedCredentials {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        PresentedCredentials {
+            tollgate_header: text("x-tollgate-key")
+                .or_else(|| text("x-coder-ai-governance-token"))
+                .map(str::to_string),
+            bearer: text("authorization").and_then(|auth| {
+                auth.strip_prefix("Bearer ")
+                    .or_else(|| auth.strip_prefix("bearer "))
+                    .map(|t| t.trim().to_string())
+            }),
+            x_api_key: text("x-api-key").map(str::to_string),
+        }
+    }
+
+    /// The Tollgate key in the contract's order: `X-Tollgate-Key` (alias
+    /// `X-Coder-AI-Governance-Token`), then `Authorization: Bearer`, then `x-api-key`.
+    pub fn tollgate_key(&self) -> Option<(&str, KeySource)> {
+        fn present(v: &Option<String>) -> Option<&str> {
+            v.as_deref().filter(|k| !k.is_empty())
+        }
+        if let Some(k) = present(&self.tollgate_header) {
+            return Some((k, KeySource::TollgateHeader));
+        }
+        if let Some(t) = present(&self.bearer) {
+            return Some((t, KeySource::Authorization));
+        }
+        present(&self.x_api_key).map(|k| (k, KeySource::XApiKey))
+    }
+}
+
+/// Finds the Tollgate key in the contract's order (see [`PresentedCredentials::tollgate_key`]).
 pub fn presented_key(headers: &HeaderMap) -> Option<(String, KeySource)> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    if let Some(k) = text("x-tollgate-key").or_else(|| text("x-coder-ai-governance-token")) {
-        if !k.is_empty() {
-            return Some((k.to_string(), KeySource::TollgateHeader));
-        }
-    }
-    if let Some(auth) = text("authorization") {
-        let token = auth
-            .strip_prefix("Bearer ")
-            .or_else(|| auth.strip_prefix("bearer "))
-            .map(str::trim);
-        if let Some(t) = token.filter(|t| !t.is_empty()) {
-            return Some((t.to_string(), KeySource::Authorization));
-        }
-    }
-    if let Some(k) = text("x-api-key").filter(|k| !k.is_empty()) {
-        return Some((k.to_string(), KeySource::XApiKey));
-    }
-    None
+    PresentedCredentials::read(headers)
+        .tollgate_key()
+        .map(|(k, source)| (k.to_string(), source))
 }
 
 struct CacheEntry {

@@ -14,10 +14,9 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use crate::governance::pricing::ModelPrice;
-use crate::money::NanoUsd;
+use crate::cidr::Cidr;
+use crate::money::{ModelPrice, NanoUsd};
 use crate::providers::ProviderKind;
-use crate::proxy::destination::Cidr;
 
 /// Where the config comes from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tollgate.toml";

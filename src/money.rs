@@ -4,6 +4,8 @@
 //! Amounts enter and leave the program as decimal strings ("100.00", "0.004125"), parsed and
 //! printed here digit by digit, so no amount ever passes through a binary float and rounds.
 //!
+//! [`ModelPrice`] (a model's prices per million tokens) lives here too, as a plain value.
+//!
 //! Not here: what a token costs (`governance::pricing`), or budgets and their periods
 //! (`governance`). This module knows nothing about tokens or users.
 
@@ -184,6 +186,23 @@ impl FromStr for NanoUsd {
     fn from_str(text: &str) -> Result<NanoUsd, MoneyError> {
         NanoUsd::parse_usd(text)
     }
+}
+
+/// A model's prices, each in nano-USD per million tokens: a value the price book, the
+/// configuration and the store all carry (what a token costs is decided in `governance::pricing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelPrice {
+    /// Non-cached input tokens.
+    pub input: NanoUsd,
+    /// Output tokens, reasoning included.
+    pub output: NanoUsd,
+    /// Input tokens served from the provider's prompt cache.
+    pub cache_read: NanoUsd,
+    /// Input tokens written to the provider's prompt cache.
+    pub cache_write: NanoUsd,
+    /// The model's maximum output tokens, when known: the output side of an estimate for a
+    /// request that sets no `max_tokens`.
+    pub output_limit: Option<u64>,
 }
 
 #[cfg(test)]

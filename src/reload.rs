@@ -19,14 +19,14 @@ use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::app::AppState;
 use crate::config::Config;
-use crate::gateway::GatewayState;
 use crate::telemetry::metric;
 
 /// Installs the SIGHUP handler on `runtime` (the background runtime) for the life of the process.
 pub fn install(
     runtime: &tokio::runtime::Handle,
-    state: Arc<GatewayState>,
+    state: Arc<AppState>,
     path: Option<PathBuf>,
 ) -> std::io::Result<()> {
     let mut hangups = {
@@ -43,7 +43,7 @@ pub fn install(
 }
 
 /// Reads, validates and applies the configuration file; returns whether it was applied.
-pub async fn reload(state: &GatewayState, path: Option<&Path>) -> bool {
+pub async fn reload(state: &AppState, path: Option<&Path>) -> bool {
     let fresh = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -64,7 +64,7 @@ pub async fn reload(state: &GatewayState, path: Option<&Path>) -> bool {
     state
         .reconfigure(Arc::new(applied), |name| std::env::var(name).ok())
         .await;
-    crate::server::warn_about_missing_keys(state);
+    state.warn_about_missing_keys();
     metrics::counter!(metric::CONFIG_RELOADS_TOTAL, "result" => "applied").increment(1);
     tracing::info!(
         providers,

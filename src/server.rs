@@ -20,10 +20,11 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
+use crate::app::AppState;
 use crate::config::Config;
 use crate::front_door::descriptors::{self, DescriptorPlan};
 use crate::front_door::{ConnectionLimiter, HeadLimits};
-use crate::gateway::{Gateway, GatewayListener, GatewayState};
+use crate::gateway::{Gateway, GatewayListener};
 use crate::governance::keyvault::KeyVault;
 use crate::proxy::ForwardProxy;
 use crate::store::{Recorder, SpendJournal, Store};
@@ -74,7 +75,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     } else {
         None
     };
-    let state = Arc::new(GatewayState::new(
+    let state = Arc::new(AppState::new(
         config.clone(),
         store,
         background.handle().clone(),
@@ -92,7 +93,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     background.spawn(refresh_governance(state.clone()));
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     background.spawn(trim_heap());
-    warn_about_missing_keys(&state);
+    state.warn_about_missing_keys();
     crate::reload::install(background.handle(), state.clone(), config_path)
         .context("cannot install the SIGHUP handler")?;
     telemetry::prometheus();
@@ -122,7 +123,8 @@ pub fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         })?;
     let admin_addr = admin_listener.local_addr()?;
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_router = api::router(state.clone()).layer(Extension(plan.clone()));
+    let admin_router =
+        api::router(state.clone(), crate::dashboard::router()).layer(Extension(plan.clone()));
     background.spawn(api::listener::serve(
         admin_listener,
         admin_router,
@@ -262,7 +264,7 @@ async fn trim_heap() {
 
 /// Every couple of seconds: caps and prices from the store (changes made through another
 /// replica or the CLI), the ledger on period roll-over, and the seat gauges.
-async fn refresh_governance(state: Arc<GatewayState>) {
+async fn refresh_governance(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -321,28 +323,6 @@ fn reserve_held(
     let probe = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {key} {addr}"))?;
     Ok((probe.local_addr()?, probe))
-}
-
-pub(crate) fn warn_about_missing_keys(state: &GatewayState) {
-    let config = state.config();
-    let policy = config.keys;
-    for route in state.providers() {
-        let needs_central =
-            policy.central_api_key_enabled && route.kind != crate::providers::ProviderKind::Copilot;
-        let Some(provider) = config.providers.get(&route.name) else {
-            continue;
-        };
-        let configured = provider.central_key_envs().count();
-        if needs_central && route.keys.len() < configured.max(1) {
-            let envs: Vec<&str> = provider.central_key_envs().collect();
-            let envs = if envs.is_empty() {
-                "(api_key_env not set)".to_string()
-            } else {
-                envs.join(", ")
-            };
-            tracing::warn!(provider = %route.name, api_key_env = %envs, found = route.keys.len(), configured, "central key(s) missing from the environment; requests needing them will be refused or use the others");
-        }
-    }
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.

@@ -17,9 +17,9 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 
 use super::error::ApiError;
+use crate::app::AppState;
 use crate::auth::KeyCheckError;
 use crate::front_door::ClientKey;
-use crate::gateway::GatewayState;
 use crate::store::Principal;
 
 /// The address a request came from (`api::listener` records it), for per-address limits.
@@ -54,12 +54,12 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct Admin(pub Arc<Principal>);
 
-impl FromRequestParts<Arc<GatewayState>> for Caller {
+impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &Arc<GatewayState>,
+        state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let (secret, _) =
             crate::auth::presented_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
@@ -77,12 +77,12 @@ impl FromRequestParts<Arc<GatewayState>> for Caller {
     }
 }
 
-impl FromRequestParts<Arc<GatewayState>> for Admin {
+impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &Arc<GatewayState>,
+        state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let Caller(principal) = Caller::from_request_parts(parts, state).await?;
         if principal.is_admin {

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_id, ApiJson, ApiPath, Params};
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::governance::pricing::{ModelPrice, PriceBook};
 use crate::money::NanoUsd;
 use crate::store::{SpendLimitEntry, SpendScope};
@@ -100,7 +100,7 @@ fn scope_of(scope: &str, id: Option<Uuid>) -> Result<SpendScope, String> {
     )
 )]
 pub async fn list_budgets(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     uri: Uri,
 ) -> Result<Json<BudgetList>, ApiError> {
@@ -119,7 +119,7 @@ pub async fn list_budgets(
     }))
 }
 
-async fn set_budget(state: &GatewayState, body: SetBudget) -> Result<Json<Budget>, ApiError> {
+async fn set_budget(state: &AppState, body: SetBudget) -> Result<Json<Budget>, ApiError> {
     let scope = scope_of(&body.scope, body.scope_id).map_err(ApiError::Unprocessable)?;
     let limit = NanoUsd::parse_non_negative_usd(&body.limit_usd)
         .map_err(|e| ApiError::Unprocessable(format!("limit_usd: {e}")))?;
@@ -144,7 +144,7 @@ async fn set_budget(state: &GatewayState, body: SetBudget) -> Result<Json<Budget
     )
 )]
 pub async fn put_budget(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiJson(body): ApiJson<SetBudget>,
 ) -> Result<Json<Budget>, ApiError> {
@@ -167,14 +167,14 @@ pub async fn put_budget(
     )
 )]
 pub async fn post_budget(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiJson(body): ApiJson<SetBudget>,
 ) -> Result<Json<Budget>, ApiError> {
     set_budget(&state, body).await
 }
 
-async fn delete_budget(state: &GatewayState, scope: SpendScope) -> Result<StatusCode, ApiError> {
+async fn delete_budget(state: &AppState, scope: SpendScope) -> Result<StatusCode, ApiError> {
     if !state.store.queries().delete_spend_limit(scope).await? {
         return Err(ApiError::NotFound("no such spend limit".into()));
     }
@@ -197,7 +197,7 @@ async fn delete_budget(state: &GatewayState, scope: SpendScope) -> Result<Status
     )
 )]
 pub async fn delete_default_budget(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(scope): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -223,7 +223,7 @@ pub async fn delete_default_budget(
     )
 )]
 pub async fn delete_scoped_budget(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath((scope, scope_id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
@@ -315,7 +315,7 @@ pub struct SetPrice {
     )
 )]
 pub async fn list_prices(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     uri: Uri,
 ) -> Result<Json<PriceList>, ApiError> {
@@ -363,7 +363,7 @@ pub async fn list_prices(
     )
 )]
 pub async fn put_price(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(model): ApiPath<String>,
     ApiJson(body): ApiJson<SetPrice>,
@@ -416,7 +416,7 @@ pub async fn put_price(
     )
 )]
 pub async fn delete_price(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(model): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {

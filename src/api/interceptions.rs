@@ -17,7 +17,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_id, ApiPath, Params};
 use super::query::filter_for;
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::store::{InterceptionRow, UsageSums};
 
 /// The user who made a call.
@@ -213,7 +213,7 @@ pub struct InterceptionList {
     )
 )]
 pub async fn list_interceptions(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     caller: Caller,
     uri: Uri,
 ) -> Result<Json<InterceptionList>, ApiError> {
@@ -254,7 +254,7 @@ pub async fn list_interceptions(
     )
 )]
 pub async fn get_interception(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Interception>, ApiError> {

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::store::mask_secret;
 
 /// The caller's spend cap for the current period.
@@ -53,10 +53,7 @@ pub struct MyBudget {
     tag = "budgets",
     responses((status = 200, body = MyBudget), (status = 401, body = ErrorBody))
 )]
-pub async fn my_budget(
-    State(state): State<Arc<GatewayState>>,
-    Caller(me): Caller,
-) -> Json<MyBudget> {
+pub async fn my_budget(State(state): State<Arc<AppState>>, Caller(me): Caller) -> Json<MyBudget> {
     let view = state
         .governance
         .budget_view(me.user_id, &me.group_ids, Utc::now());
@@ -115,7 +112,7 @@ pub struct StoredKeyList {
     responses((status = 200, body = StoredKeyList), (status = 401, body = ErrorBody))
 )]
 pub async fn list_provider_keys(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Caller(me): Caller,
 ) -> Result<Json<StoredKeyList>, ApiError> {
     let keys: Vec<StoredKey> = state
@@ -159,7 +156,7 @@ pub struct SetProviderKey {
     )
 )]
 pub async fn put_provider_key(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiPath(provider): ApiPath<String>,
     ApiJson(body): ApiJson<SetProviderKey>,
@@ -216,7 +213,7 @@ pub async fn put_provider_key(
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 pub async fn delete_provider_key(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiPath(provider): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {

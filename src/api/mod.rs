@@ -35,7 +35,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use error::ApiError;
 
 #[derive(OpenApi)]
@@ -126,7 +126,7 @@ impl utoipa::Modify for ThrottledAuth {
 }
 
 /// Every route with its OpenAPI entry: the single list both are built from.
-pub fn routes() -> (Router<Arc<GatewayState>>, utoipa::openapi::OpenApi) {
+pub fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(interceptions::list_interceptions))
         .routes(routes!(interceptions::get_interception))
@@ -173,18 +173,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().1
 }
 
-/// Builds the admin router.
-pub fn router(state: Arc<GatewayState>) -> Router {
+/// Builds the admin router: the API's routes, then `pages` (the dashboard's HTML views, which
+/// share the listener but not the OpenAPI document).
+pub fn router(state: Arc<AppState>, pages: Router<Arc<AppState>>) -> Router {
     let (router, doc) = routes();
     // Rendered once: the document is static for the life of the process.
     let json = doc.to_json().unwrap_or_else(|e| {
         tracing::error!(error = %e, "cannot render the OpenAPI document");
         "{}".to_string()
     });
-    // The dashboard's HTML pages share the listener but not the OpenAPI document: they are
-    // views over these handlers, not API.
+    // The dashboard's HTML pages are views over these handlers, not API.
     router
-        .merge(crate::dashboard::router())
+        .merge(pages)
         .fallback(no_route)
         .layer(Extension(system::OpenApiJson(Bytes::from(json))))
         .with_state(state)

@@ -19,7 +19,7 @@ use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use super::extract::Params;
 use super::interceptions::Initiator;
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::governance::seats::seat_status;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -57,7 +57,7 @@ pub struct SeatsReport {
     )
 )]
 pub async fn seats(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     uri: Uri,
 ) -> Result<Json<SeatsReport>, ApiError> {

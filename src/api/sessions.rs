@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiPath, Params};
 use super::interceptions::{Initiator, Interception, TokenUsage};
 use super::query::filter_for;
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::money::NanoUsd;
 use crate::store::{InterceptionRow, SessionSummary, UsageSums};
 
@@ -132,7 +132,7 @@ pub struct SessionDetail {
     )
 )]
 pub async fn list_sessions(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     caller: Caller,
     uri: Uri,
 ) -> Result<Json<SessionList>, ApiError> {
@@ -169,7 +169,7 @@ pub async fn list_sessions(
     )
 )]
 pub async fn get_session(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     caller: Caller,
     ApiPath(key): ApiPath<String>,
 ) -> Result<Json<SessionDetail>, ApiError> {

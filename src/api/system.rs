@@ -19,8 +19,8 @@ use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use crate::app::AppState;
 use crate::front_door::descriptors::{self, DescriptorPlan, DescriptorUsage};
-use crate::gateway::GatewayState;
 use crate::telemetry;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -87,7 +87,7 @@ pub async fn healthz() -> Json<Health> {
     )
 )]
 pub async fn readyz(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     plan: Option<Extension<DescriptorPlan>>,
 ) -> Response {
     let fds = plan.and_then(|Extension(plan)| descriptors::usage(&plan));
@@ -131,7 +131,7 @@ pub async fn readyz(
         (status = 503, description = "The certificate file cannot be read", body = ErrorBody),
     )
 )]
-pub async fn ca_cert(State(state): State<Arc<GatewayState>>) -> Result<Response, ApiError> {
+pub async fn ca_cert(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let proxy = &state.config().proxy;
     if !proxy.enabled {
         return Err(ApiError::NotFound(

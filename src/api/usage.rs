@@ -18,7 +18,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_time_or_date, Params};
 use super::interceptions::{Initiator, TokenUsage};
 use super::query::resolve_initiator;
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::store::{UsageFilter, UsageGroupBy};
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -95,7 +95,7 @@ fn group_by(text: &str) -> Result<UsageGroupBy, ApiError> {
     )
 )]
 pub async fn usage(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     caller: Caller,
     uri: Uri,
 ) -> Result<Json<UsageReport>, ApiError> {

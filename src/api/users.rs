@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_id, ApiJson, ApiPath, Params};
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::store::{ApiKeyInfo, GroupDetail, UserDetail};
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -219,7 +219,7 @@ fn group_not_found(id: Uuid) -> ApiError {
     )
 )]
 pub async fn list_users(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     uri: Uri,
 ) -> Result<Json<UserList>, ApiError> {
@@ -259,7 +259,7 @@ pub async fn list_users(
     )
 )]
 pub async fn create_user(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiJson(body): ApiJson<CreateUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
@@ -292,7 +292,7 @@ pub async fn create_user(
     )
 )]
 pub async fn get_user(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<User>, ApiError> {
@@ -325,7 +325,7 @@ pub async fn get_user(
     )
 )]
 pub async fn update_user(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Admin(admin): Admin,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<UpdateUser>,
@@ -363,7 +363,7 @@ pub async fn update_user(
     )
 )]
 pub async fn delete_user(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Admin(admin): Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -395,7 +395,7 @@ pub async fn delete_user(
     )
 )]
 pub async fn list_keys(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ApiKeyList>, ApiError> {
@@ -433,7 +433,7 @@ pub async fn list_keys(
     )
 )]
 pub async fn create_key(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CreateKey>,
@@ -480,7 +480,7 @@ pub async fn create_key(
     )
 )]
 pub async fn revoke_key(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath((id, key_id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
@@ -514,7 +514,7 @@ pub async fn revoke_key(
     )
 )]
 pub async fn list_groups(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     uri: Uri,
 ) -> Result<Json<GroupList>, ApiError> {
@@ -562,7 +562,7 @@ pub async fn list_groups(
     )
 )]
 pub async fn create_group(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiJson(body): ApiJson<CreateGroup>,
 ) -> Result<(StatusCode, Json<GroupWithMembers>), ApiError> {
@@ -586,7 +586,7 @@ pub async fn create_group(
     )
 )]
 pub async fn get_group(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<GroupWithMembers>, ApiError> {
@@ -615,7 +615,7 @@ pub async fn get_group(
     )
 )]
 pub async fn delete_group(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -644,7 +644,7 @@ pub async fn delete_group(
     )
 )]
 pub async fn add_member(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<AddMember>,
@@ -678,7 +678,7 @@ pub async fn add_member(
     )
 )]
 pub async fn remove_member(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     _admin: Admin,
     ApiPath((id, user_id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {

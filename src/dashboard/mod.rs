@@ -28,7 +28,7 @@ use crate::api::error::ApiError;
 use crate::api::extract::{ApiJson, ApiPath};
 use crate::api::interceptions::{Interception, TokenUsage};
 use crate::api::{budgets, me, seats, sessions, usage, users};
-use crate::gateway::GatewayState;
+use crate::app::AppState;
 use crate::money::NanoUsd;
 use html::{bar_chart, column_chart, path_segment, query_value, w, Html};
 use signin::Viewer;
@@ -36,7 +36,7 @@ use signin::Viewer;
 const STYLE: &str = include_str!("style.css");
 
 /// The dashboard's routes. Not in the OpenAPI document: these are pages, not API.
-pub fn router() -> Router<Arc<GatewayState>> {
+pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/dashboard", get(overview))
         .route("/dashboard/", get(|| async { Redirect::to("/dashboard") }))
@@ -197,7 +197,7 @@ fn total_tokens(u: &TokenUsage) -> u64 {
 async fn sign_in_page(
     headers: HeaderMap,
     ClientAddress(client): ClientAddress,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
 ) -> Response {
     if let Ok(Some(_)) = signin::viewer(&state, &headers, client).await {
         return Redirect::to("/dashboard").into_response();
@@ -229,7 +229,7 @@ struct SignInForm {
 }
 
 async fn sign_in(
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     ClientAddress(client): ClientAddress,
     headers: HeaderMap,
     Form(form): Form<SignInForm>,
@@ -260,7 +260,7 @@ async fn sign_in(
 
 async fn sign_out(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
@@ -280,7 +280,7 @@ async fn sign_out(
 // ---------------------------------------------------------------------------------------------
 // Overview
 
-async fn overview(viewer: Viewer, State(state): State<Arc<GatewayState>>) -> Response {
+async fn overview(viewer: Viewer, State(state): State<Arc<AppState>>) -> Response {
     match render_overview(&viewer, &state).await {
         Ok(body) => page_response(
             StatusCode::OK,
@@ -290,7 +290,7 @@ async fn overview(viewer: Viewer, State(state): State<Arc<GatewayState>>) -> Res
     }
 }
 
-async fn render_overview(viewer: &Viewer, state: &Arc<GatewayState>) -> Result<Html, ApiError> {
+async fn render_overview(viewer: &Viewer, state: &Arc<AppState>) -> Result<Html, ApiError> {
     let mut b = Html::new();
     let Json(mine) = me::my_budget(State(state.clone()), viewer.caller()).await;
     let period_start = mine.period_start;
@@ -485,7 +485,7 @@ struct PeriodFigures {
 /// milliseconds at any size and the overview is always current.
 async fn period_figures(
     viewer: &Viewer,
-    state: &Arc<GatewayState>,
+    state: &Arc<AppState>,
     period_start: DateTime<Utc>,
 ) -> Result<PeriodFigures, ApiError> {
     let scope = if viewer.is_admin() {
@@ -536,7 +536,7 @@ async fn period_figures(
 // ---------------------------------------------------------------------------------------------
 // Users
 
-async fn users_page(viewer: Viewer, State(state): State<Arc<GatewayState>>) -> Response {
+async fn users_page(viewer: Viewer, State(state): State<Arc<AppState>>) -> Response {
     let admin = match viewer.admin() {
         Ok(a) => a,
         Err(r) => return r,
@@ -616,7 +616,7 @@ struct SessionsQuery {
 
 async fn sessions_page(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<SessionsQuery>,
 ) -> Response {
     const PAGE: usize = 50;
@@ -730,7 +730,7 @@ fn sessions_filter_form(b: &mut Html, filter: Option<&str>) {
 
 async fn session_page(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Response {
     let Json(s) =
@@ -872,7 +872,7 @@ fn rollup_label(r: &usage::UsageRollup) -> String {
 
 async fn usage_page(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<UsageQuery>,
 ) -> Response {
     let report = usage::usage(State(state.clone()), viewer.caller(), q.api_uri()).await;
@@ -984,7 +984,7 @@ async fn usage_page(
 
 async fn usage_csv(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<UsageQuery>,
 ) -> Response {
     let Json(report) = match usage::usage(State(state.clone()), viewer.caller(), q.api_uri()).await
@@ -1035,7 +1035,7 @@ struct Notice {
 
 async fn budgets_page(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Query(n): Query<Notice>,
 ) -> Response {
     render_budgets(
@@ -1051,7 +1051,7 @@ async fn budgets_page(
 
 async fn render_budgets(
     viewer: &Viewer,
-    state: &Arc<GatewayState>,
+    state: &Arc<AppState>,
     status: StatusCode,
     notice: Option<Result<&str, &str>>,
 ) -> Response {
@@ -1147,7 +1147,7 @@ fn notice_banner(b: &mut Html, notice: Option<Result<&str, &str>>) {
 
 async fn save_budget(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {
@@ -1191,7 +1191,7 @@ fn editor_error(e: &ApiError) -> String {
 
 async fn pricing_page(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Query(n): Query<Notice>,
 ) -> Response {
     render_pricing(
@@ -1207,7 +1207,7 @@ async fn pricing_page(
 
 async fn render_pricing(
     viewer: &Viewer,
-    state: &Arc<GatewayState>,
+    state: &Arc<AppState>,
     status: StatusCode,
     notice: Option<Result<&str, &str>>,
 ) -> Response {
@@ -1291,7 +1291,7 @@ async fn render_pricing(
 
 async fn save_price(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {
@@ -1358,7 +1358,7 @@ fn remove_form(
 
 async fn remove_budget(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {
@@ -1391,7 +1391,7 @@ async fn remove_budget(
 
 async fn remove_price(
     viewer: Viewer,
-    State(state): State<Arc<GatewayState>>,
+    State(state): State<Arc<AppState>>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if let Err(refused) = viewer.check_csrf(form.get("csrf").map(String::as_str)) {

@@ -31,10 +31,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::api::auth::{client_of, Admin, Caller};
+use crate::app::AppState;
 use crate::auth::failures::Throttled;
 use crate::auth::KeyCheckError;
 use crate::front_door::ClientKey;
-use crate::gateway::GatewayState;
 use crate::store::{Principal, StoreError};
 
 pub const COOKIE: &str = "tollgate_dashboard";
@@ -102,7 +102,7 @@ impl Viewer {
     }
 
     /// Ends this session (sign-out): its cookie, wherever it was copied, stops working.
-    pub async fn sign_out(&self, state: &GatewayState) -> Result<(), StoreError> {
+    pub async fn sign_out(&self, state: &AppState) -> Result<(), StoreError> {
         state.store.end_dashboard_session(&self.session).await?;
         Ok(())
     }
@@ -191,7 +191,7 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
 /// Checks `key` (presented from `client`) and opens a session for its owner; returns the new
 /// session id, for the cookie.
 pub async fn sign_in(
-    state: &GatewayState,
+    state: &AppState,
     key: &str,
     client: ClientKey,
 ) -> Result<String, SignInError> {
@@ -225,7 +225,7 @@ pub async fn sign_in(
 
 /// The viewer behind a request's session cookie: `Ok(None)` when there is no valid session.
 pub async fn viewer(
-    state: &GatewayState,
+    state: &AppState,
     headers: &HeaderMap,
     client: ClientKey,
 ) -> Result<Option<Viewer>, SignInError> {
@@ -256,12 +256,12 @@ pub async fn viewer(
     }))
 }
 
-impl FromRequestParts<Arc<GatewayState>> for Viewer {
+impl FromRequestParts<Arc<AppState>> for Viewer {
     type Rejection = Response;
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &Arc<GatewayState>,
+        state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         match viewer(state, &parts.headers, client_of(parts)).await {
             Ok(Some(viewer)) => Ok(viewer),

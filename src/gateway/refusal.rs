@@ -2,9 +2,24 @@
 //!
 //! Every way Tollgate itself says no (bad key, budget, rate limit, key policy, bad body, unknown
 //! route, unreachable upstream) is a [`Refusal`]; the gateway renders it in exactly one place,
-//! in the error format the client's SDK understands. Messages never contain secrets.
+//! in the error format the client's SDK understands ([`Gateway::refuse`]). Messages never
+//! contain secrets; every refusal the gateway's phases make that is not a one-line condition of
+//! its phase is built here (governance denials, cooling keys, open breakers, throttled
+//! authentication).
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use crate::governance::budget::LimitScope;
+use crate::governance::Denial;
 use crate::providers::ErrorFormat;
+use crate::telemetry::metric;
+use crate::upstream::keypool;
+
+use super::Gateway;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalKind {
@@ -173,6 +188,133 @@ impl Refusal {
         };
         serde_json::to_vec(&value).unwrap_or_default()
     }
+}
+
+impl Gateway {
+    /// 429 in the provider's format for an address that failed authentication too often: its
+    /// key was not looked up.
+    pub(super) fn throttled_refusal(throttled: crate::auth::failures::Throttled) -> Refusal {
+        let secs = throttled.retry_after.as_secs().max(1);
+        Refusal::new(
+            RefusalKind::RateLimited,
+            format!("too many failed authentications from this address; retry in {secs} s"),
+        )
+        .with_header("retry-after", secs.to_string())
+        .with_code("too_many_failed_authentications")
+    }
+
+    /// Renders a refusal in the client's provider format (the one place this happens).
+    pub(super) async fn refuse(
+        &self,
+        session: &mut Session,
+        format: ErrorFormat,
+        refusal: &Refusal,
+    ) {
+        metrics::counter!(metric::REFUSALS_TOTAL, "reason" => refusal.kind.reason()).increment(1);
+        tracing::info!(
+            status = refusal.status(),
+            reason = refusal.kind.reason(),
+            path = %session.req_header().uri.path(),
+            detail = %refusal.message,
+            "request refused"
+        );
+        let body = Bytes::from(refusal.body(format));
+        let Ok(mut head) = ResponseHeader::build(refusal.status(), Some(4 + refusal.headers.len()))
+        else {
+            return;
+        };
+        let _ = head.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+        for (name, value) in &refusal.headers {
+            let _ = head.insert_header(*name, value.as_str());
+        }
+        if session
+            .write_response_header(Box::new(head), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+    }
+}
+
+/// Renders a governance denial as the contract's refusal (429, 402, 403). `unseen` is why the
+/// request's cost had no bound, if it had none (a 402 then says why it had to run alone).
+pub(super) fn denial_refusal(
+    denial: Denial,
+    unseen: Option<&crate::providers::UnseenInput>,
+) -> Refusal {
+    match denial {
+        Denial::RateLimited { retry_after } => {
+            let secs = retry_after.as_secs().max(1);
+            Refusal::new(
+                RefusalKind::RateLimited,
+                format!("rate limit reached: too many requests per minute for this user; retry in {secs} s"),
+            )
+            .with_header("retry-after", secs.to_string())
+        }
+        Denial::TooManyInFlight { limit } => Refusal::new(
+            RefusalKind::RateLimited,
+            format!("too many concurrent requests: at most {limit} may be in flight per user"),
+        )
+        .with_header("retry-after", "1"),
+        Denial::Budget { refusal, reset } => {
+            let scope = match &refusal.scope {
+                LimitScope::User => "your user limit".to_string(),
+                LimitScope::Group(name) => format!("the limit of group {name}"),
+                LimitScope::Default => "the default limit".to_string(),
+            };
+            let reset = reset.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let message = if refusal.spent >= refusal.cap {
+                format!(
+                    "spend cap reached: ${} of ${} spent this period ({scope}); the budget resets at {reset}",
+                    refusal.spent, refusal.cap
+                )
+            } else if let Some(unseen) = unseen {
+                format!(
+                    "this request's cost has no bound the gateway can see (it uses {unseen}), so under a spend cap it runs only while nothing else of yours is in flight; ${} spent and ${} reserved by your in-flight requests, of ${} ({scope}); retry when they finish",
+                    refusal.spent, refusal.reserved, refusal.cap
+                )
+            } else {
+                format!(
+                    "spend cap reached: ${} spent and ${} reserved by your in-flight requests, of ${} ({scope}); the budget resets at {reset}",
+                    refusal.spent, refusal.reserved, refusal.cap
+                )
+            };
+            Refusal::new(RefusalKind::BudgetExceeded, message)
+                .with_header("x-tollgate-budget-reset", reset)
+                .with_header("x-tollgate-budget-scope", refusal.scope.as_str())
+                .with_header("x-tollgate-budget-limit", refusal.cap.to_string())
+                .with_header("x-tollgate-budget-spent", refusal.spent.to_string())
+        }
+        Denial::Unpriced { model } => Refusal::new(
+            RefusalKind::Unpriced,
+            format!("model {model} has no price, and this gateway refuses unpriced models (budgets.unpriced = \"deny\")"),
+        ),
+        Denial::BudgetUnavailable => Refusal::new(
+            RefusalKind::StoreUnavailable,
+            "the budget store cannot be reached, and this gateway refuses capped requests until it is back (budgets.when_database_down = \"refuse\")",
+        )
+        .with_header("retry-after", "5"),
+    }
+}
+
+pub(super) fn keys_cooling_refusal(provider: &str, retry_after: Duration) -> Refusal {
+    let secs = keypool::retry_after_secs(retry_after);
+    Refusal::new(
+        RefusalKind::RateLimited,
+        format!("every central key of provider {provider} is rate limited by the upstream; retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string())
+}
+
+pub(super) fn circuit_open_refusal(provider: &str, model: &str, wait: Duration) -> Refusal {
+    let secs = keypool::retry_after_secs(wait);
+    Refusal::new(
+        RefusalKind::CircuitOpen,
+        format!("provider {provider} is failing for model {model}: the gateway stopped sending requests for now (circuit breaker open); retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string())
 }
 
 #[cfg(test)]

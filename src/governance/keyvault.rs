@@ -5,15 +5,22 @@
 //! sealed key has its own random nonce and is bound to its owner and provider (associated data),
 //! so a ciphertext copied to another user's row does not decrypt.
 //!
+//! [`StoredKeyCache`] keeps what the vault decrypted for a short while, so a request with a
+//! stored key costs no database round trip.
+//!
 //! Not here: which key a request uses (key policy) or where ciphertexts are stored (store).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
+use parking_lot::Mutex;
 use rand::RngCore;
+use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -154,6 +161,43 @@ fn check_private(path: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A decrypted key (or "none stored") and when it was looked up.
+type CachedStoredKey = (Option<String>, Instant);
+
+/// Decrypted stored provider keys per (user, provider), trusted for the key cache TTL so a
+/// BYOK user does not cost a database round trip per request.
+pub(crate) struct StoredKeyCache {
+    entries: Mutex<HashMap<(Uuid, String), CachedStoredKey>>,
+    ttl: Duration,
+}
+
+impl StoredKeyCache {
+    pub(crate) fn new(ttl: Duration) -> StoredKeyCache {
+        StoredKeyCache {
+            entries: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    pub(crate) fn get(&self, user: Uuid, provider: &str) -> Option<Option<String>> {
+        let entries = self.entries.lock();
+        let (key, at) = entries.get(&(user, provider.to_string()))?;
+        (at.elapsed() < self.ttl).then(|| key.clone())
+    }
+
+    pub(crate) fn put(&self, user: Uuid, provider: &str, key: Option<String>) {
+        let mut entries = self.entries.lock();
+        if entries.len() > 100_000 {
+            entries.clear();
+        }
+        entries.insert((user, provider.to_string()), (key, Instant::now()));
+    }
+
+    pub(crate) fn clear(&self) {
+        self.entries.lock().clear();
+    }
 }
 
 #[cfg(test)]

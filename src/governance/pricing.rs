@@ -11,29 +11,14 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use crate::money::ModelPrice;
 use crate::money::{MoneyError, NanoUsd};
 use crate::providers::TokenUsage;
 
 /// Token counts are priced per this many tokens.
 const TOKENS_PER_PRICE_UNIT: u128 = 1_000_000;
-
-/// A model's prices, each in nano-USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelPrice {
-    /// Non-cached input tokens.
-    pub input: NanoUsd,
-    /// Output tokens, reasoning included.
-    pub output: NanoUsd,
-    /// Input tokens served from the provider's prompt cache.
-    pub cache_read: NanoUsd,
-    /// Input tokens written to the provider's prompt cache.
-    pub cache_write: NanoUsd,
-    /// The model's maximum output tokens, when known: the output side of an estimate for a
-    /// request that sets no `max_tokens`.
-    pub output_limit: Option<u64>,
-}
 
 /// One entry of [`PriceBook::iter`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

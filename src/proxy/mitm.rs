@@ -18,8 +18,9 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-use crate::gateway::{GatewayState, ProviderRoute};
+use crate::app::AppState;
 use crate::tls::{LeafCertCache, TlsError};
+use crate::upstream::ProviderRoute;
 
 /// An intercepted host: the provider its requests go to and its TLS acceptor.
 pub struct MitmHost {
@@ -33,7 +34,7 @@ pub struct MitmHosts {
 }
 
 impl MitmHosts {
-    pub fn new(state: &GatewayState, leaves: &Arc<LeafCertCache>) -> Result<MitmHosts, TlsError> {
+    pub fn new(state: &AppState, leaves: &Arc<LeafCertCache>) -> Result<MitmHosts, TlsError> {
         let mut hosts = HashMap::new();
         for (name, provider) in &state.config().providers {
             let Some(route) = state.provider(name) else {

@@ -52,12 +52,13 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::app::AppState;
 use crate::auth::failures::Throttled;
 use crate::auth::KeyCheckError;
 use crate::config::{ProxyConfig, TunnelPolicy};
 use crate::front_door::connections::turn_away;
 use crate::front_door::{linger_close, ClientKey, ConnectionLimiter, HeadLimits, LINGER};
-use crate::gateway::{Gateway, GatewayListener, GatewayState};
+use crate::gateway::{Gateway, GatewayListener};
 use crate::telemetry::metric;
 use crate::tls::{LeafCertCache, MitmCa, TlsError};
 
@@ -175,7 +176,7 @@ struct ProxySettings {
 
 /// The proxy listener's application. See the module docs.
 pub struct ForwardProxy {
-    state: Arc<GatewayState>,
+    state: Arc<AppState>,
     settings: ProxySettings,
     mitm: MitmHosts,
     /// The MITM hosts' addresses, so a tunnel cannot reach them blind.
@@ -197,7 +198,7 @@ impl ForwardProxy {
     /// Loads and checks the CA (and the listener certificate, if any) and prepares a TLS
     /// configuration per MITM host. Fails with a message that names the config key.
     pub fn new(
-        state: Arc<GatewayState>,
+        state: Arc<AppState>,
         config: &ProxyConfig,
         heads: HeadLimits,
         connections: Arc<ConnectionLimiter>,

@@ -35,6 +35,28 @@ pub(crate) fn numbered(sql: &str) -> String {
     out
 }
 
+/// Splits `items` into statements of `max` rows (a power of two) and then powers of two, so
+/// each table's inserts come in at most log2(max) + 1 shapes and stay prepared in the
+/// connection's statement cache. With any-size chunks, the last statement of each table in a
+/// batch had a shape seldom seen again and was parsed and planned afresh, batch after batch.
+pub(crate) fn statement_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    debug_assert!(max.is_power_of_two());
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let take = if rest.len() >= max {
+            max
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (head, tail) = rest.split_at(take);
+        rest = tail;
+        Some(head)
+    })
+}
+
 /// Runs `$body` with `$pool` bound to the store's pool, once per backend. Inside the block:
 /// `Db` is the sqlx database type (for `QueryBuilder::<Db>`), `id(Uuid)` is an id bind,
 /// `ms(i64)` a time bind from epoch milliseconds, and `sql("… ? …")` the statement text with
@@ -245,11 +267,29 @@ impl DbRow for PgRow {
 
 #[cfg(test)]
 mod tests {
+    use super::statement_chunks;
+
     #[test]
     fn placeholders_are_numbered_in_order() {
         assert_eq!(
             super::numbered("a = ? AND b IN (?, ?)"),
             "a = $1 AND b IN ($2, $3)"
         );
+    }
+
+    #[test]
+    fn statements_come_in_full_chunks_then_powers_of_two() {
+        let items: Vec<u32> = (0..300).collect();
+        let sizes: Vec<usize> = statement_chunks(&items, 128).map(<[u32]>::len).collect();
+        assert_eq!(sizes, [128, 128, 32, 8, 4]);
+        let joined: Vec<u32> = statement_chunks(&items, 128).flatten().copied().collect();
+        assert_eq!(joined, items, "every item once, in order");
+        assert_eq!(statement_chunks(&items[..0], 128).count(), 0);
+        // However a batch is cut, a table sees at most log2(max) + 1 shapes.
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 1..=1000 {
+            shapes.extend(statement_chunks(&items[..n.min(300)], 64).map(<[u32]>::len));
+        }
+        assert_eq!(shapes.len(), 7);
     }
 }

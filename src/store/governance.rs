@@ -10,8 +10,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{from_millis, millis, parse_uuid, Backend, Store, StoreError};
-use crate::governance::pricing::ModelPrice;
-use crate::money::NanoUsd;
+use crate::money::{ModelPrice, NanoUsd};
 
 /// One row of `spend_limits`, with the group's name for group caps.
 #[derive(Debug, Clone, PartialEq, Eq)]

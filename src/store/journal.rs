@@ -384,7 +384,7 @@ pub struct JournalEntry<S> {
     pub usage: crate::providers::TokenUsage,
     pub usage_source: crate::providers::UsageSource,
     pub cost: i64,
-    pub price: Option<crate::governance::pricing::ModelPrice>,
+    pub price: Option<crate::money::ModelPrice>,
     pub spend_period_ms: i64,
     pub shared_reservation: Option<Id>,
 }

@@ -150,7 +150,7 @@ pub fn mask_secret(secret: &str) -> String {
 }
 
 /// Prepared statements kept per connection: the recorder's multi-row inserts come in about 60
-/// shapes (see `record::statement_chunks`), and the API's queries need room beside them.
+/// shapes (see `dialect::statement_chunks`), and the API's queries need room beside them.
 const STATEMENT_CACHE: usize = 256;
 
 pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
@@ -634,10 +634,7 @@ impl Store {
         &self,
         batch: &[InterceptionRecord],
     ) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Sqlite(pool) => record::insert_batch_sqlite(pool, batch).await,
-            Backend::Postgres(pool) => record::insert_batch_postgres(pool, batch).await,
-        }
+        record::insert_batch(self, batch).await
     }
 
     pub async fn count_interceptions(&self) -> Result<i64, StoreError> {

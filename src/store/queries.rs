@@ -21,8 +21,7 @@ use uuid::Uuid;
 
 use super::dialect::{per_backend, DbRow, Dialect};
 use super::{from_millis, millis, parse_uuid, validate_name, Store, StoreError, User};
-use crate::governance::pricing::ModelPrice;
-use crate::money::NanoUsd;
+use crate::money::{ModelPrice, NanoUsd};
 use crate::providers::TokenUsage;
 
 /// Ids bound per `IN (...)` list: a whole page (at most 1000) in one query per child table,

@@ -2,12 +2,11 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
+use super::dialect::{per_backend, statement_chunks, DbRow, Dialect};
 use super::{millis, rollup, StoreError};
-use crate::governance::pricing::ModelPrice;
-use crate::money::NanoUsd;
+use crate::money::{ModelPrice, NanoUsd};
 use crate::providers::{Thought, TokenUsage, ToolCall, UsageSource};
 
 /// How an interception ended (contract values).
@@ -138,28 +137,6 @@ fn db_u64(v: u64) -> i64 {
 /// PostgreSQL's limit (65535) is higher; one size keeps the two writers alike.
 const ROWS_PER_STATEMENT: usize = 128;
 
-/// Splits `items` into statements of `max` rows (a power of two) and then powers of two, so
-/// each table's inserts come in at most log2(max) + 1 shapes and stay prepared in the
-/// connection's statement cache. With any-size chunks, the last statement of each table in a
-/// batch had a shape seldom seen again and was parsed and planned afresh, batch after batch.
-pub(super) fn statement_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
-    debug_assert!(max.is_power_of_two());
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let take = if rest.len() >= max {
-            max
-        } else {
-            1 << rest.len().ilog2()
-        };
-        let (head, tail) = rest.split_at(take);
-        rest = tail;
-        Some(head)
-    })
-}
-
 /// The hourly rollup buckets of newly inserted interceptions.
 fn rollup_buckets<'a>(batch: &[&'a InterceptionRecord]) -> Vec<rollup::Bucket<'a>> {
     rollup::buckets(
@@ -182,385 +159,260 @@ fn rollup_buckets<'a>(batch: &[&'a InterceptionRecord]) -> Vec<rollup::Bucket<'a
     )
 }
 
-pub(super) async fn insert_batch_sqlite(
-    pool: &SqlitePool,
-    batch: &[InterceptionRecord],
-) -> Result<(), StoreError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let mut conn = pool.acquire().await?;
-    let written = write_batch_sqlite(&mut conn, batch).await;
-    if written.is_err() {
-        // A transaction whose COMMIT failed (SQLITE_FULL) can leave the connection holding the
-        // write lock with sqlx's rollback bookkeeping out of step: reused, it locked every
-        // other writer out and swallowed later batches in a transaction that never committed
-        // (found with a full disk). Closing the connection rolls back whatever is open.
-        let _ = conn.close().await;
-    }
-    written
+/// The parts of the interception writer that the two backends spell differently; everything
+/// else in [`insert_batch`] is written once.
+trait RecordDialect: Dialect {
+    /// Inserts interceptions, keeping the copy already stored when a retried or replayed batch
+    /// repeats one (with [`RecordDialect::KEEP_FIRST`] after the values).
+    const INSERT_INTERCEPTIONS: &'static str;
+    const KEEP_FIRST: &'static str;
+    /// Widens a seat holder's first and last use (SQLite's scalar `MIN`/`MAX`, PostgreSQL's
+    /// `LEAST`/`GREATEST`).
+    const MERGE_SEAT: &'static str;
+    /// A transaction whose COMMIT failed (SQLITE_FULL) can leave the connection holding the
+    /// write lock with sqlx's rollback bookkeeping out of step: reused, it locked every other
+    /// writer out and swallowed later batches in a transaction that never committed (found with
+    /// a full disk). Closing the connection rolls back whatever is open.
+    const CLOSE_AFTER_FAILED_WRITE: bool;
+
+    /// Turns the batch's shared spend reservations into cost, in the writer's transaction:
+    /// `batch` is every record given, `fresh` those inserted now.
+    async fn charge(
+        tx: &mut sqlx::Transaction<'_, Self>,
+        batch: &[InterceptionRecord],
+        fresh: &[&InterceptionRecord],
+    ) -> Result<(), StoreError>;
 }
 
-async fn write_batch_sqlite(
-    conn: &mut sqlx::SqliteConnection,
-    batch: &[InterceptionRecord],
-) -> Result<(), StoreError> {
-    use sqlx::Connection;
-    let mut tx = conn.begin().await?;
-    let mut fresh = std::collections::HashSet::with_capacity(batch.len());
-    for chunk in statement_chunks(batch, ROWS_PER_STATEMENT / 2) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT OR IGNORE INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
-             response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
-             credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
-             input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
-             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write, usage_source) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(r.id.to_string())
-                .push_bind(r.user_id.to_string())
-                .push_bind(r.api_key_id.map(|k| k.to_string()))
-                .push_bind(&r.provider)
-                .push_bind(r.provider_kind)
-                .push_bind(r.endpoint)
-                .push_bind(&r.model)
-                .push_bind(&r.response_model)
-                .push_bind(r.client)
-                .push_bind(&r.client_session_id)
-                .push_bind(&r.session_key)
-                .push_bind(r.thread_parent_id.map(|k| k.to_string()))
-                .push_bind(r.thread_root_id.map(|k| k.to_string()))
-                .push_bind(r.credential_kind.as_str())
-                .push_bind(&r.credential_hint)
-                .push_bind(r.status.as_str())
-                .push_bind(r.upstream_status.map(i64::from))
-                .push_bind(&r.error)
-                .push_bind(r.streaming)
-                .push_bind(millis(r.started_at))
-                .push_bind(millis(r.ended_at))
-                .push_bind(r.ttfb_ms.map(db_u64))
-                .push_bind(&r.response_id)
-                .push_bind(db_u64(r.usage.input))
-                .push_bind(db_u64(r.usage.output))
-                .push_bind(db_u64(r.usage.cache_read))
-                .push_bind(db_u64(r.usage.cache_write))
-                .push_bind(db_u64(r.usage.reasoning))
-                .push_bind(r.cost.0)
-                .push_bind(r.price.is_some())
-                .push_bind(r.price.as_ref().map(|p| p.input.0))
-                .push_bind(r.price.as_ref().map(|p| p.output.0))
-                .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
-                .push_bind(r.price.as_ref().map(|p| p.cache_write.0))
-                .push_bind(r.usage_source.as_str());
-        });
-        qb.push(" RETURNING id");
-        for id in qb
-            .build_query_scalar::<String>()
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            fresh.insert(super::parse_uuid(&id)?);
+const INTERCEPTION_COLUMNS: &str = "interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
+     response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
+     credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
+     input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
+     cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write, usage_source) ";
+
+impl RecordDialect for sqlx::Sqlite {
+    const INSERT_INTERCEPTIONS: &'static str = "INSERT OR IGNORE INTO ";
+    const KEEP_FIRST: &'static str = "";
+    const MERGE_SEAT: &'static str =
+        " ON CONFLICT(user_id) DO UPDATE SET first_used_at = MIN(first_used_at, excluded.first_used_at), \
+         last_used_at = MAX(last_used_at, excluded.last_used_at)";
+    const CLOSE_AFTER_FAILED_WRITE: bool = true;
+
+    /// SQLite's spend is not shared: nothing to do.
+    async fn charge(
+        _tx: &mut sqlx::Transaction<'_, Self>,
+        _batch: &[InterceptionRecord],
+        _fresh: &[&InterceptionRecord],
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl RecordDialect for sqlx::Postgres {
+    const INSERT_INTERCEPTIONS: &'static str = "INSERT INTO ";
+    const KEEP_FIRST: &'static str = " ON CONFLICT (id) DO NOTHING";
+    const MERGE_SEAT: &'static str =
+        " ON CONFLICT(user_id) DO UPDATE SET first_used_at = LEAST(seat_holders.first_used_at, excluded.first_used_at), \
+         last_used_at = GREATEST(seat_holders.last_used_at, excluded.last_used_at)";
+    const CLOSE_AFTER_FAILED_WRITE: bool = false;
+
+    async fn charge(
+        tx: &mut sqlx::Transaction<'_, Self>,
+        batch: &[InterceptionRecord],
+        fresh: &[&InterceptionRecord],
+    ) -> Result<(), StoreError> {
+        // The reservations of these requests become their cost, in the same transaction.
+        let reservations: Vec<Uuid> = batch.iter().filter_map(|r| r.shared_reservation).collect();
+        if !reservations.is_empty() {
+            sqlx::query("DELETE FROM spend_reservations WHERE id = ANY($1)")
+                .bind(&reservations)
+                .execute(&mut **tx)
+                .await?;
         }
+        add_spend_postgres(tx, fresh).await
     }
-    // Only rows inserted now get children: a batch replayed after a crash (spill file) or
-    // retried after an ambiguous commit must not duplicate them.
-    let batch: Vec<&InterceptionRecord> = batch.iter().filter(|r| fresh.contains(&r.id)).collect();
-    for mut qb in rollup::upserts::<sqlx::Sqlite>(&rollup_buckets(&batch)) {
-        qb.build().execute(&mut *tx).await?;
-    }
-
-    let usages: Vec<&InterceptionRecord> = batch
-        .iter()
-        .copied()
-        .filter(|r| r.usage != TokenUsage::default())
-        .collect();
-    for chunk in statement_chunks(&usages, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
-             cache_write_input_tokens, reasoning_tokens, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(r.id.to_string())
-                .push_bind(&r.response_id)
-                .push_bind(db_u64(r.usage.input))
-                .push_bind(db_u64(r.usage.output))
-                .push_bind(db_u64(r.usage.cache_read))
-                .push_bind(db_u64(r.usage.cache_write))
-                .push_bind(db_u64(r.usage.reasoning))
-                .push_bind(millis(r.ended_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
-
-    let prompts: Vec<(&InterceptionRecord, &String)> = batch
-        .iter()
-        .copied()
-        .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
-        .collect();
-    for chunk in statement_chunks(&prompts, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (r, p)| {
-            b.push_bind(r.id.to_string())
-                .push_bind(&r.response_id)
-                .push_bind(*p)
-                .push_bind(millis(r.started_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
-
-    let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
-        .iter()
-        .copied()
-        .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
-        .collect();
-    for chunk in statement_chunks(&tools, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (r, t)| {
-            b.push_bind(r.id.to_string())
-                .push_bind(&r.response_id)
-                .push_bind(&t.id)
-                .push_bind(&t.name)
-                .push_bind(&t.input)
-                .push_bind(false)
-                .push_bind(millis(r.ended_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
-
-    let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
-        .iter()
-        .copied()
-        .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
-        .collect();
-    for chunk in statement_chunks(&thoughts, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (r, t)| {
-            b.push_bind(r.id.to_string())
-                .push_bind(&t.content)
-                .push_bind(t.source.as_str())
-                .push_bind(millis(r.ended_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
-    // Seat holders: first and last use per user in this batch.
-    let mut seats: std::collections::HashMap<Uuid, (i64, i64)> = std::collections::HashMap::new();
-    for r in &batch {
-        let e = seats.entry(r.user_id).or_insert((i64::MAX, i64::MIN));
-        e.0 = e.0.min(millis(r.started_at));
-        e.1 = e.1.max(millis(r.ended_at));
-    }
-    let seats: Vec<(Uuid, (i64, i64))> = seats.into_iter().collect();
-    for chunk in statement_chunks(&seats, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
-        );
-        qb.push_values(chunk, |mut b, (user, (first, last))| {
-            b.push_bind(user.to_string())
-                .push_bind(*first)
-                .push_bind(*last);
-        });
-        qb.push(
-            " ON CONFLICT(user_id) DO UPDATE SET first_used_at = MIN(first_used_at, excluded.first_used_at), \
-             last_used_at = MAX(last_used_at, excluded.last_used_at)",
-        );
-        qb.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
-/// Whole milliseconds, as SQLite stores them: the API's keyset cursors carry milliseconds, and
-/// a microsecond remainder in `timestamptz` would make `ended_at <= cursor` skip rows.
-fn to_ms(t: DateTime<Utc>) -> DateTime<Utc> {
-    super::from_millis(millis(t))
-}
-
-/// The PostgreSQL flavour of [`insert_batch_sqlite`]: the same multi-row statements in one
-/// transaction, with native uuid/timestamptz binds, `ON CONFLICT DO NOTHING` for SQLite's
-/// `INSERT OR IGNORE` and `LEAST`/`GREATEST` for its scalar `MIN`/`MAX`.
-pub(super) async fn insert_batch_postgres(
-    pool: &PgPool,
+/// Writes a batch of finished interceptions and their child rows (usage, prompt, tool calls,
+/// thoughts, rollups, seat holders) in one transaction, with the same multi-row statements on
+/// either backend. Only rows inserted now get children: a batch replayed after a crash (spill
+/// file) or retried after an ambiguous commit must not duplicate them.
+pub(super) async fn insert_batch(
+    store: &super::Store,
     batch: &[InterceptionRecord],
 ) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
-    let mut fresh = std::collections::HashSet::with_capacity(batch.len());
-    for chunk in statement_chunks(batch, ROWS_PER_STATEMENT / 2) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO interceptions (id, user_id, api_key_id, provider, provider_kind, endpoint, model, \
-             response_model, client, client_session_id, session_key, thread_parent_id, thread_root_id, credential_kind, \
-             credential_hint, status, upstream_status, error, streaming, started_at, ended_at, ttfb_ms, response_id, \
-             input_tokens, output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_tokens, \
-             cost_nano_usd, priced, price_input, price_output, price_cache_read, price_cache_write, usage_source) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(r.id)
-                .push_bind(r.user_id)
-                .push_bind(r.api_key_id)
-                .push_bind(&r.provider)
-                .push_bind(r.provider_kind)
-                .push_bind(r.endpoint)
-                .push_bind(&r.model)
-                .push_bind(&r.response_model)
-                .push_bind(r.client)
-                .push_bind(&r.client_session_id)
-                .push_bind(&r.session_key)
-                .push_bind(r.thread_parent_id)
-                .push_bind(r.thread_root_id)
-                .push_bind(r.credential_kind.as_str())
-                .push_bind(&r.credential_hint)
-                .push_bind(r.status.as_str())
-                .push_bind(r.upstream_status.map(i32::from))
-                .push_bind(&r.error)
-                .push_bind(r.streaming)
-                .push_bind(to_ms(r.started_at))
-                .push_bind(to_ms(r.ended_at))
-                .push_bind(r.ttfb_ms.map(db_u64))
-                .push_bind(&r.response_id)
-                .push_bind(db_u64(r.usage.input))
-                .push_bind(db_u64(r.usage.output))
-                .push_bind(db_u64(r.usage.cache_read))
-                .push_bind(db_u64(r.usage.cache_write))
-                .push_bind(db_u64(r.usage.reasoning))
-                .push_bind(r.cost.0)
-                .push_bind(r.price.is_some())
-                .push_bind(r.price.as_ref().map(|p| p.input.0))
-                .push_bind(r.price.as_ref().map(|p| p.output.0))
-                .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
-                .push_bind(r.price.as_ref().map(|p| p.cache_write.0))
-                .push_bind(r.usage_source.as_str());
-        });
-        // A retried or replayed batch may repeat rows already committed: keep the first copy.
-        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        fresh.extend(qb.build_query_scalar::<Uuid>().fetch_all(&mut *tx).await?);
-    }
-    // The reservations of these requests become their cost, below, in the same transaction.
-    let reservations: Vec<Uuid> = batch.iter().filter_map(|r| r.shared_reservation).collect();
-    if !reservations.is_empty() {
-        sqlx::query("DELETE FROM spend_reservations WHERE id = ANY($1)")
-            .bind(&reservations)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let batch: Vec<&InterceptionRecord> = batch.iter().filter(|r| fresh.contains(&r.id)).collect();
-    add_spend_postgres(&mut tx, &batch).await?;
-    for mut qb in rollup::upserts::<sqlx::Postgres>(&rollup_buckets(&batch)) {
-        qb.build().execute(&mut *tx).await?;
-    }
+    per_backend!(store, |pool| {
+        let mut conn = pool.acquire().await?;
+        let written: Result<(), StoreError> = async {
+            use sqlx::Connection;
+            let mut tx = conn.begin().await?;
+            let mut fresh = std::collections::HashSet::with_capacity(batch.len());
+            for chunk in statement_chunks(batch, ROWS_PER_STATEMENT / 2) {
+                let mut qb = sqlx::QueryBuilder::<Db>::new(<Db as RecordDialect>::INSERT_INTERCEPTIONS);
+                qb.push(INTERCEPTION_COLUMNS);
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(id(r.id))
+                        .push_bind(id(r.user_id))
+                        .push_bind(r.api_key_id.map(id))
+                        .push_bind(&r.provider)
+                        .push_bind(r.provider_kind)
+                        .push_bind(r.endpoint)
+                        .push_bind(&r.model)
+                        .push_bind(&r.response_model)
+                        .push_bind(r.client)
+                        .push_bind(&r.client_session_id)
+                        .push_bind(&r.session_key)
+                        .push_bind(r.thread_parent_id.map(id))
+                        .push_bind(r.thread_root_id.map(id))
+                        .push_bind(r.credential_kind.as_str())
+                        .push_bind(&r.credential_hint)
+                        .push_bind(r.status.as_str())
+                        .push_bind(r.upstream_status.map(i32::from))
+                        .push_bind(&r.error)
+                        .push_bind(r.streaming)
+                        .push_bind(ms(millis(r.started_at)))
+                        .push_bind(ms(millis(r.ended_at)))
+                        .push_bind(r.ttfb_ms.map(db_u64))
+                        .push_bind(&r.response_id)
+                        .push_bind(db_u64(r.usage.input))
+                        .push_bind(db_u64(r.usage.output))
+                        .push_bind(db_u64(r.usage.cache_read))
+                        .push_bind(db_u64(r.usage.cache_write))
+                        .push_bind(db_u64(r.usage.reasoning))
+                        .push_bind(r.cost.0)
+                        .push_bind(r.price.is_some())
+                        .push_bind(r.price.as_ref().map(|p| p.input.0))
+                        .push_bind(r.price.as_ref().map(|p| p.output.0))
+                        .push_bind(r.price.as_ref().map(|p| p.cache_read.0))
+                        .push_bind(r.price.as_ref().map(|p| p.cache_write.0))
+                        .push_bind(r.usage_source.as_str());
+                });
+                qb.push(<Db as RecordDialect>::KEEP_FIRST);
+                qb.push(" RETURNING id");
+                for row in qb.build().fetch_all(&mut *tx).await? {
+                    fresh.insert(row.uuid("id")?);
+                }
+            }
+            let fresh: Vec<&InterceptionRecord> =
+                batch.iter().filter(|r| fresh.contains(&r.id)).collect();
+            <Db as RecordDialect>::charge(&mut tx, batch, &fresh).await?;
+            let batch = fresh;
+            for mut qb in rollup::upserts::<Db>(&rollup_buckets(&batch)) {
+                qb.build().execute(&mut *tx).await?;
+            }
 
-    let usages: Vec<&InterceptionRecord> = batch
-        .iter()
-        .copied()
-        .filter(|r| r.usage != TokenUsage::default())
-        .collect();
-    for chunk in statement_chunks(&usages, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
-             cache_write_input_tokens, reasoning_tokens, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(r.id)
-                .push_bind(&r.response_id)
-                .push_bind(db_u64(r.usage.input))
-                .push_bind(db_u64(r.usage.output))
-                .push_bind(db_u64(r.usage.cache_read))
-                .push_bind(db_u64(r.usage.cache_write))
-                .push_bind(db_u64(r.usage.reasoning))
-                .push_bind(to_ms(r.ended_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
+            let usages: Vec<&InterceptionRecord> = batch
+                .iter()
+                .copied()
+                .filter(|r| r.usage != TokenUsage::default())
+                .collect();
+            for chunk in statement_chunks(&usages, ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<Db>::new(
+                    "INSERT INTO token_usages (interception_id, msg_id, input_tokens, output_tokens, cache_read_input_tokens, \
+                     cache_write_input_tokens, reasoning_tokens, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(id(r.id))
+                        .push_bind(&r.response_id)
+                        .push_bind(db_u64(r.usage.input))
+                        .push_bind(db_u64(r.usage.output))
+                        .push_bind(db_u64(r.usage.cache_read))
+                        .push_bind(db_u64(r.usage.cache_write))
+                        .push_bind(db_u64(r.usage.reasoning))
+                        .push_bind(ms(millis(r.ended_at)));
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
 
-    let prompts: Vec<(&InterceptionRecord, &String)> = batch
-        .iter()
-        .copied()
-        .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
-        .collect();
-    for chunk in statement_chunks(&prompts, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (r, p)| {
-            b.push_bind(r.id)
-                .push_bind(&r.response_id)
-                .push_bind(*p)
-                .push_bind(to_ms(r.started_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
+            let prompts: Vec<(&InterceptionRecord, &String)> = batch
+                .iter()
+                .copied()
+                .filter_map(|r| r.prompt.as_ref().map(|p| (r, p)))
+                .collect();
+            for chunk in statement_chunks(&prompts, ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<Db>::new(
+                    "INSERT INTO user_prompts (interception_id, msg_id, prompt, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, (r, p)| {
+                    b.push_bind(id(r.id))
+                        .push_bind(&r.response_id)
+                        .push_bind(*p)
+                        .push_bind(ms(millis(r.started_at)));
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
 
-    let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
-        .iter()
-        .copied()
-        .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
-        .collect();
-    for chunk in statement_chunks(&tools, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (r, t)| {
-            b.push_bind(r.id)
-                .push_bind(&r.response_id)
-                .push_bind(&t.id)
-                .push_bind(&t.name)
-                .push_bind(&t.input)
-                .push_bind(false)
-                .push_bind(to_ms(r.ended_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
+            let tools: Vec<(&InterceptionRecord, &ToolCall)> = batch
+                .iter()
+                .copied()
+                .flat_map(|r| r.tool_calls.iter().map(move |t| (r, t)))
+                .collect();
+            for chunk in statement_chunks(&tools, ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<Db>::new(
+                    "INSERT INTO tool_usages (interception_id, msg_id, tool_call_id, tool, input, injected, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, (r, t)| {
+                    b.push_bind(id(r.id))
+                        .push_bind(&r.response_id)
+                        .push_bind(&t.id)
+                        .push_bind(&t.name)
+                        .push_bind(&t.input)
+                        .push_bind(false)
+                        .push_bind(ms(millis(r.ended_at)));
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
 
-    let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
-        .iter()
-        .copied()
-        .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
-        .collect();
-    for chunk in statement_chunks(&thoughts, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (r, t)| {
-            b.push_bind(r.id)
-                .push_bind(&t.content)
-                .push_bind(t.source.as_str())
-                .push_bind(to_ms(r.ended_at));
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
-    // Seat holders: first and last use per user in this batch.
-    type Span = (DateTime<Utc>, DateTime<Utc>);
-    let mut seats: std::collections::HashMap<Uuid, Span> = std::collections::HashMap::new();
-    for r in &batch {
-        let e = seats
-            .entry(r.user_id)
-            .or_insert((to_ms(r.started_at), to_ms(r.ended_at)));
-        e.0 = e.0.min(to_ms(r.started_at));
-        e.1 = e.1.max(to_ms(r.ended_at));
-    }
-    let seats: Vec<(Uuid, Span)> = seats.into_iter().collect();
-    for chunk in statement_chunks(&seats, ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
-        );
-        qb.push_values(chunk, |mut b, (user, (first, last))| {
-            b.push_bind(*user).push_bind(*first).push_bind(*last);
-        });
-        qb.push(
-            " ON CONFLICT(user_id) DO UPDATE SET first_used_at = LEAST(seat_holders.first_used_at, excluded.first_used_at), \
-             last_used_at = GREATEST(seat_holders.last_used_at, excluded.last_used_at)",
-        );
-        qb.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
+            let thoughts: Vec<(&InterceptionRecord, &Thought)> = batch
+                .iter()
+                .copied()
+                .flat_map(|r| r.thoughts.iter().map(move |t| (r, t)))
+                .collect();
+            for chunk in statement_chunks(&thoughts, ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<Db>::new(
+                    "INSERT INTO model_thoughts (interception_id, content, source, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, (r, t)| {
+                    b.push_bind(id(r.id))
+                        .push_bind(&t.content)
+                        .push_bind(t.source.as_str())
+                        .push_bind(ms(millis(r.ended_at)));
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
+            // Seat holders: first and last use per user in this batch (epoch milliseconds).
+            let mut seats: std::collections::HashMap<Uuid, (i64, i64)> =
+                std::collections::HashMap::new();
+            for r in &batch {
+                let e = seats.entry(r.user_id).or_insert((i64::MAX, i64::MIN));
+                e.0 = e.0.min(millis(r.started_at));
+                e.1 = e.1.max(millis(r.ended_at));
+            }
+            let seats: Vec<(Uuid, (i64, i64))> = seats.into_iter().collect();
+            for chunk in statement_chunks(&seats, ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<Db>::new(
+                    "INSERT INTO seat_holders (user_id, first_used_at, last_used_at) ",
+                );
+                qb.push_values(chunk, |mut b, (user, (first, last))| {
+                    b.push_bind(id(*user))
+                        .push_bind(ms(*first))
+                        .push_bind(ms(*last));
+                });
+                qb.push(<Db as RecordDialect>::MERGE_SEAT);
+                qb.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        if written.is_err() && <Db as RecordDialect>::CLOSE_AFTER_FAILED_WRITE {
+            let _ = conn.close().await;
+        }
+        written
+    })
 }
 
 /// Adds each newly recorded interception's cost to its user's total for the period it was
@@ -595,25 +447,4 @@ async fn add_spend_postgres(
         qb.build().execute(&mut **tx).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::statement_chunks;
-
-    #[test]
-    fn statements_come_in_full_chunks_then_powers_of_two() {
-        let items: Vec<u32> = (0..300).collect();
-        let sizes: Vec<usize> = statement_chunks(&items, 128).map(<[u32]>::len).collect();
-        assert_eq!(sizes, [128, 128, 32, 8, 4]);
-        let joined: Vec<u32> = statement_chunks(&items, 128).flatten().copied().collect();
-        assert_eq!(joined, items, "every item once, in order");
-        assert_eq!(statement_chunks(&items[..0], 128).count(), 0);
-        // However a batch is cut, a table sees at most log2(max) + 1 shapes.
-        let mut shapes = std::collections::BTreeSet::new();
-        for n in 1..=1000 {
-            shapes.extend(statement_chunks(&items[..n.min(300)], 64).map(<[u32]>::len));
-        }
-        assert_eq!(shapes.len(), 7);
-    }
 }

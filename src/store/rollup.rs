@@ -20,7 +20,7 @@ use super::dialect::Dialect;
 /// One hour in epoch milliseconds; UTC hours are aligned to the epoch.
 pub(crate) const HOUR_MS: i64 = 3_600_000;
 
-/// Rows per upsert statement (a power of two: see `record::statement_chunks`): 12 binds each,
+/// Rows per upsert statement (a power of two: see `dialect::statement_chunks`): 12 binds each,
 /// well under SQLite's 32766.
 const BUCKETS_PER_STATEMENT: usize = 256;
 
@@ -65,7 +65,7 @@ pub(super) fn buckets<'a>(
 
 /// The upsert statements adding `buckets` to `usage_hourly` (one per chunk).
 pub(super) fn upserts<'q, DB: Dialect>(buckets: &[Bucket<'_>]) -> Vec<QueryBuilder<'q, DB>> {
-    super::record::statement_chunks(buckets, BUCKETS_PER_STATEMENT)
+    super::dialect::statement_chunks(buckets, BUCKETS_PER_STATEMENT)
         .map(|chunk| {
             let mut qb = QueryBuilder::<DB>::new(
                 "INSERT INTO usage_hourly (hour, user_id, provider, model, client, input_tokens, \

@@ -28,7 +28,7 @@ enum KeyState {
     Disabled,
 }
 
-struct PooledKey {
+struct PoolEntry {
     secret: String,
     hint: String,
     /// The key's position in the configured list (the metric label; never the secret).
@@ -51,7 +51,7 @@ pub enum NoKey {
 pub struct KeyPool {
     provider: String,
     cooldown: Duration,
-    keys: Mutex<Vec<PooledKey>>,
+    keys: Mutex<Vec<PoolEntry>>,
 }
 
 impl std::fmt::Debug for KeyPool {
@@ -71,7 +71,7 @@ impl KeyPool {
             cooldown,
             keys: Mutex::new(
                 keys.into_iter()
-                    .map(|(label, secret)| PooledKey {
+                    .map(|(label, secret)| PoolEntry {
                         hint: mask_secret(&secret),
                         secret,
                         label,
@@ -96,8 +96,8 @@ impl KeyPool {
         self.keys.lock().len()
     }
 
-    /// The first usable key not in `tried`: its index, secret and masked hint.
-    pub fn pick(&self, tried: &[usize]) -> Result<(usize, String, String), NoKey> {
+    /// The first usable key not in `tried`.
+    pub fn pick(&self, tried: &[usize]) -> Result<PooledKey, NoKey> {
         let now = Instant::now();
         let mut keys = self.keys.lock();
         if keys.is_empty() {
@@ -128,7 +128,11 @@ impl KeyPool {
             self.publish_usable(&keys);
         }
         match (chosen, soonest) {
-            (Some(i), _) => Ok((i, keys[i].secret.clone(), keys[i].hint.clone())),
+            (Some(i), _) => Ok(PooledKey {
+                slot: i,
+                secret: keys[i].secret.clone(),
+                hint: keys[i].hint.clone(),
+            }),
             (None, Some(retry_after)) => Err(NoKey::Cooling { retry_after }),
             (None, None) => Err(NoKey::Exhausted),
         }
@@ -183,7 +187,7 @@ impl KeyPool {
         .increment(1);
     }
 
-    fn publish_usable(&self, keys: &[PooledKey]) {
+    fn publish_usable(&self, keys: &[PoolEntry]) {
         let now = Instant::now();
         let usable = keys
             .iter()
@@ -198,13 +202,23 @@ impl KeyPool {
     }
 }
 
+/// A key taken from a central pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PooledKey {
+    /// Its index in the configured list (metrics and failover name a key by it).
+    pub slot: usize,
+    pub secret: String,
+    /// Masked for the record (`sk-…abcd`).
+    pub hint: String,
+}
+
 /// What to do after the upstream answered a request made with a pooled key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failover {
     /// Not a key problem: the answer goes to the client.
     Keep,
-    /// The key was taken out; retry with this one (index, secret, hint).
-    Retry(usize, String, String),
+    /// The key was taken out; retry with this one.
+    Retry(PooledKey),
     /// The key was taken out and every other one is cooling: refuse with 429.
     AllCooling(Duration),
     /// The key was taken out and none is left: the client gets the upstream's answer.
@@ -231,10 +245,10 @@ impl KeyPool {
         }
         tried.push(index);
         match self.pick(tried) {
-            Ok((next, secret, hint)) => {
+            Ok(next) => {
                 metrics::counter!(metric::PROVIDER_KEY_FAILOVERS_TOTAL, "provider" => self.provider.clone())
                     .increment(1);
-                Failover::Retry(next, secret, hint)
+                Failover::Retry(next)
             }
             Err(NoKey::Cooling { retry_after }) => Failover::AllCooling(retry_after),
             Err(_) => Failover::Exhausted,
@@ -275,13 +289,13 @@ mod tests {
     #[test]
     fn keys_are_tried_in_order_and_skip_cooling_and_disabled_ones() {
         let p = pool(3);
-        assert_eq!(p.pick(&[]).unwrap().0, 0);
-        assert_eq!(p.pick(&[0]).unwrap().0, 1);
+        assert_eq!(p.pick(&[]).unwrap().slot, 0);
+        assert_eq!(p.pick(&[0]).unwrap().slot, 1);
         p.cool_down(0, None);
-        assert_eq!(p.pick(&[]).unwrap().0, 1);
+        assert_eq!(p.pick(&[]).unwrap().slot, 1);
         p.disable(1, 401);
-        let (i, secret, hint) = p.pick(&[]).unwrap();
-        assert_eq!((i, secret.as_str()), (2, "sk-test-key-number-2"));
+        let PooledKey { slot, secret, hint } = p.pick(&[]).unwrap();
+        assert_eq!((slot, secret.as_str()), (2, "sk-test-key-number-2"));
         assert!(!hint.contains("number"), "{hint}");
         match p.pick(&[2]) {
             Err(NoKey::Cooling { retry_after }) => {
@@ -327,7 +341,7 @@ mod tests {
                 until: Instant::now() - Duration::from_millis(1),
             };
         }
-        assert_eq!(p.pick(&[]).unwrap().0, 0);
+        assert_eq!(p.pick(&[]).unwrap().slot, 0);
         assert_eq!(p.pick(&[0]), Err(NoKey::Exhausted));
         assert_eq!(pool(0).pick(&[]), Err(NoKey::Unconfigured));
     }
@@ -341,11 +355,11 @@ mod tests {
         assert!(tried.is_empty());
         assert!(matches!(
             p.after_answer(0, 429, Some("2"), &mut tried),
-            Failover::Retry(1, _, _)
+            Failover::Retry(PooledKey { slot: 1, .. })
         ));
         assert!(matches!(
             p.after_answer(1, 403, None, &mut tried),
-            Failover::Retry(2, _, _)
+            Failover::Retry(PooledKey { slot: 2, .. })
         ));
         match p.after_answer(2, 429, Some("9"), &mut tried) {
             Failover::AllCooling(wait) => assert!(wait <= Duration::from_secs(2), "{wait:?}"),

@@ -5,7 +5,13 @@
 //! host name would resolve with blocking DNS on a proxy thread). Peers carry the provider host as
 //! SNI, system trust roots, a connect timeout and a long read timeout for streams.
 //!
+//! A provider route also owns its central key pool ([`keypool`]) and circuit breakers
+//! ([`breaker`]): what is known about the upstream between requests.
+//!
 //! Not here: which credential to use (the gateway decides) or what the body means (providers).
+
+pub(crate) mod breaker;
+pub(crate) mod keypool;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,12 +24,15 @@ use pingora::http::RequestHeader;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
-use super::breaker::Breakers;
-use super::keypool::KeyPool;
 use crate::config::{ProviderConfig, UpstreamUrl};
 use crate::providers::{CredentialHeader, Provider, ProviderKind};
 use crate::store::contains_tollgate_key;
 use crate::telemetry::{self, ProviderSeries};
+use breaker::Breakers;
+use keypool::KeyPool;
+
+/// How long the upstream may take to accept each write of a request (the peer's write timeout).
+pub(crate) const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One configured provider, ready for the hot path.
 pub struct ProviderRoute {
@@ -107,7 +116,7 @@ impl ProviderRoute {
         // can say which one fired.
         peer.options.read_timeout =
             Some(self.first_byte_timeout.max(self.idle_timeout) + Duration::from_secs(1));
-        peer.options.write_timeout = Some(super::UPSTREAM_WRITE_TIMEOUT);
+        peer.options.write_timeout = Some(UPSTREAM_WRITE_TIMEOUT);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.alpn = if self.upstream.tls {
             ALPN::H2H1
