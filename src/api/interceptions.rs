@@ -1,5 +1,6 @@
 //! `GET /api/v2/aibridge/interceptions` and `/{id}`: recorded provider calls with usage, cost,
-//! prompts, tool usages (and thoughts on the single view), in the contract's field names.
+//! prompts, tool usages (and thoughts on the single and session views), in the contract's field names
+//! (`docs/contract.md#resources`).
 //!
 //! Not here: the `q` language (`api::query`) or the SQL (`store::Queries`).
 
@@ -93,7 +94,8 @@ pub struct Interception {
     pub provider: String,
     pub model: String,
     pub client: String,
-    /// The session key: client session id, else thread root id, else this interception's id.
+    /// The session key: `{user id}:{client session id}`, else thread root id, else this
+    /// interception's id.
     pub session_id: String,
     pub thread_root_id: Option<Uuid>,
     /// `central` or `byok`.

@@ -27,7 +27,8 @@ pub(super) struct Credential {
 }
 
 impl Gateway {
-    /// Phase 2: the key policy (contract truth table) picks the upstream credential.
+    /// Phase 2: the key policy (contract truth table, `docs/contract.md#key-policy`) picks the
+    /// upstream credential; Copilot, which always uses the client's own GitHub token, skips it.
     pub(super) async fn credential(
         &self,
         route: &ProviderRoute,

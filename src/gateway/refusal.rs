@@ -63,7 +63,8 @@ impl RefusalKind {
         }
     }
 
-    /// (OpenAI `type`, OpenAI `code`, Anthropic `type`) per the contract's refusal table.
+    /// (OpenAI `type`, OpenAI `code`, Anthropic `type`) per the contract's refusal table
+    /// (`docs/contract.md#refusal-table`).
     fn wire_names(self) -> (&'static str, &'static str, &'static str) {
         match self {
             RefusalKind::Unauthenticated => (
@@ -238,7 +239,8 @@ impl Gateway {
     }
 }
 
-/// Renders a governance denial as the contract's refusal (429, 402, 403). `unseen` is why the
+/// Renders a governance denial as the contract's refusal (429, 402, 403; 503 when the budget
+/// store is down and `budgets.when_database_down = "refuse"`: `docs/contract.md#refusal-table`). `unseen` is why the
 /// request's cost had no bound, if it had none (a 402 then says why it had to run alone).
 pub(super) fn denial_refusal(
     denial: Denial,

@@ -123,7 +123,7 @@ pub enum CredentialHeader {
     ClientAuthorization,
 }
 
-/// Token counts, already normalised to the contract's meaning:
+/// Token counts, already normalised to the contract's meaning (`docs/contract.md#token-usage`):
 /// `input` is non-cached input; `reasoning` is informational (already inside `output`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUsage {

@@ -9,7 +9,7 @@ use super::{millis, rollup, StoreError};
 use crate::money::{ModelPrice, NanoUsd};
 use crate::providers::{Thought, TokenUsage, ToolCall, UsageSource};
 
-/// How an interception ended (contract values).
+/// How an interception ended (contract values, `docs/contract.md#interceptions`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InterceptionStatus {

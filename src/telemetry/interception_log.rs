@@ -1,4 +1,4 @@
-//! The contract's interception log records (`message = "interception log"`, one `record_type`
+//! The contract's interception log records (`docs/contract.md#interception-log-records`) (`message = "interception log"`, one `record_type`
 //! per event) for one finished interception, queued as one block (see `super::defer`).
 //!
 //! With structured (JSON) logs the lines are written here by hand, in exactly the shape

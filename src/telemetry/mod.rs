@@ -176,7 +176,7 @@ fn describe() {
     describe_gauge!(metric::SEATS_LIMIT, "Licensed AI seats (0 = unlimited).");
     describe_counter!(
         metric::KEY_CACHE_LOOKUPS_TOTAL,
-        "Tollgate key lookups by result (hit, miss)."
+        "Tollgate key lookups by result (hit, stale, miss, malformed, throttled)."
     );
     describe_counter!(
         metric::PROVIDER_KEY_STATE_CHANGES_TOTAL,
