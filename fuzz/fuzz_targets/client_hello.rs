@@ -4,9 +4,10 @@
 //! `MAX_FLIGHT` bytes, so memory stays bounded; a host name comes back normalised; and a
 //! ClientHello built around fuzzed host-name bytes reads back to exactly that name, or is refused
 //! when the name is not plain ASCII, never misread.
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::proxy::client_hello::{ClientHelloInfo, ClientHelloParser, FirstBytes, MAX_FLIGHT};
 
 #[path = "split.rs"]
@@ -105,10 +106,14 @@ fn check_round_trip(name: &[u8], ech: bool) {
     }
 }
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let Some((&seed, raw)) = input.split_first() else {
         return;
     };
     check_reads(raw, seed);
     check_round_trip(raw, seed & 1 == 1);
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

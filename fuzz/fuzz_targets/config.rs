@@ -2,12 +2,14 @@
 //! loads or is refused with every problem named by its key path; it never panics (a panic at
 //! start-up would hide which key was wrong), and the result does not depend on anything but
 //! its input.
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::config::Config;
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let text = String::from_utf8_lossy(input);
     // After a NUL byte come override lines `TOLLGATE_SECTION__KEY=value`, as the process
     // environment would carry them.
@@ -36,4 +38,7 @@ fuzz_target!(|input: &[u8]| {
         ),
         "loading the same text twice gave different answers"
     );
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

@@ -2,9 +2,10 @@
 //! gateway rewrites (chat streams get `stream_options.include_usage`) still parses to the same
 //! request, so the rewrite can never turn an accepted request into one the upstream reads
 //! differently.
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::providers::{Endpoint, ProviderKind};
 
 const SHAPES: &[(ProviderKind, Endpoint)] = &[
@@ -16,7 +17,8 @@ const SHAPES: &[(ProviderKind, Endpoint)] = &[
     (ProviderKind::Copilot, Endpoint::Responses),
 ];
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let Some((&selector, body)) = input.split_first() else {
         return;
     };
@@ -42,4 +44,7 @@ fuzz_target!(|input: &[u8]| {
             "rewriting the rewritten body changed it again"
         );
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

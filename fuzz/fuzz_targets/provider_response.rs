@@ -2,9 +2,10 @@
 //! Anthropic Messages, Copilot), blocking JSON bodies and SSE streams: hostile bytes never panic,
 //! and the summary never depends on where the network cut the body. The chat stream's usage-chunk
 //! stripper is held to the same rule for the bytes it forwards.
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::providers::{Endpoint, ProviderKind, ResponseSummary, UsageChunkStripper};
 
 #[path = "split.rs"]
@@ -43,7 +44,8 @@ fn stripped<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     out
 }
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let Some((&[selector, seed], body)) = input.split_first_chunk::<2>() else {
         return;
     };
@@ -72,4 +74,7 @@ fuzz_target!(|input: &[u8]| {
         );
         assert!(forwarded.len() <= body.len(), "the stripper added bytes");
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

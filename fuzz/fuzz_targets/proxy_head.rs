@@ -3,11 +3,12 @@
 //! prefix-then-rest read (what `read_head` does as bytes trickle in); an authority prints back
 //! to itself; and an IPv4 address is judged the same as its IPv4-mapped IPv6 form, so a client
 //! cannot reach a private range by spelling it differently.
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::proxy::destination::{is_reserved, Cidr, DestinationPolicy};
 use tollgate::proxy::{parse_head, proxy_key, Authority};
 
@@ -63,7 +64,8 @@ fn check_cidr(text: &str) {
     );
 }
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let Some((&seed, raw)) = input.split_first() else {
         return;
     };
@@ -98,4 +100,7 @@ fuzz_target!(|input: &[u8]| {
             assert!(!key.is_empty() && key.trim() == key);
         }
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

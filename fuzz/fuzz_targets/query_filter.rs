@@ -1,9 +1,10 @@
 //! The `q` filter of the interception and session lists: any text is either refused as a bad
 //! request or parsed, never a panic (it comes straight from a URL), and what parses means the
 //! same when written back as `key:"value"` terms.
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::api::error::ApiError;
 use tollgate::api::query::{parse_q, ParsedQ};
 
@@ -35,7 +36,8 @@ fn rendered(q: &ParsedQ) -> Option<String> {
     Some(terms.join(" "))
 }
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let Ok(text) = std::str::from_utf8(input) else {
         return;
     };
@@ -53,4 +55,7 @@ fuzz_target!(|input: &[u8]| {
         Err(ApiError::BadRequest(message)) => assert!(message.starts_with("q: ")),
         Err(other) => panic!("q parsing answered {other:?}, not a bad request"),
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

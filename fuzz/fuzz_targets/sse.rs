@@ -1,8 +1,9 @@
 //! The SSE parser never panics, and where the network cuts a stream never changes the events it
 //! yields (also for events over the size limit, which must be dropped alike at any cut).
-#![no_main]
+// The fuzz target's body is `check`, also run over the seed corpus by an ordinary test
+// (tests/it/fuzz_seeds.rs includes this file as a module, where `test` is set).
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use tollgate::sse::SseParser;
 
 #[path = "split.rs"]
@@ -22,7 +23,8 @@ fn events<'a>(max_event_bytes: usize, pieces: impl IntoIterator<Item = &'a [u8]>
     out
 }
 
-fuzz_target!(|input: &[u8]| {
+/// One fuzz input: panics on any property broken.
+pub fn check(input: &[u8]) {
     let Some((&[seed, limit], stream)) = input.split_first_chunk::<2>() else {
         return;
     };
@@ -49,4 +51,7 @@ fuzz_target!(|input: &[u8]| {
     let mut second = Vec::new();
     parser.feed(stream, |e| second.push(e.data.to_vec()));
     assert_eq!(first, second, "finish() did not reset the parser");
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| check(input));

@@ -1,6 +1,6 @@
 //! The command line as an operator uses it: check-config, users, keys, exit codes.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,27 +1,20 @@
-//! Checks the mock upstream (`tests/common/mock.rs`) itself, with a real HTTP client and raw
+//! Checks the mock upstream (`tests/it/common/mock.rs`) itself, with a real HTTP client and raw
 //! sockets, so gateway tests can trust what it puts on the wire.
 //!
 //! Not a test of Tollgate: nothing here touches the gateway.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::client::http_untimed as client;
 use common::mock::{
     fixture_bytes, fixture_manifest, Chunking, MockResponse, MockUpstream, Transfer,
 };
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn client() -> reqwest::Client {
-    // The environment may set HTTP_PROXY; the mock is always reached directly.
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("reqwest client")
-}
 
 /// Each body frame the client received and when, measured from just before the request.
 async fn frames_with_arrival(

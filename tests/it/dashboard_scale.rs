@@ -1,9 +1,11 @@
 //! Dashboard page server time with 100k interceptions (200 users, 20k sessions over 30 days):
 //! the target is under 100 ms per page. Ignored by default (seeding takes a while); run
-//! with `cargo test --release --test dashboard_scale -- --ignored --nocapture`. A debug build
-//! prints the times without holding them to the target (its SQLite is compiled unoptimised).
+//! with `cargo test --test it dashboard_scale -- --ignored --nocapture` (CI: `cargo nextest run
+//! --run-ignored only -E 'test(/^dashboard_scale::/)'`). The bound holds in the debug build too:
+//! the pages spend their time in SQLite, which the dev profile compiles at opt-level 3 (see
+//! `[profile.dev.package.libsqlite3-sys]` in Cargo.toml), so no separate release build is needed.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -206,9 +208,5 @@ async fn every_page_renders_in_under_100_ms_with_100k_interceptions() {
             slow.push((path, median.max(first)));
         }
     }
-    if cfg!(debug_assertions) {
-        eprintln!("debug build: times reported, not held to the 100 ms target");
-    } else {
-        assert!(slow.is_empty(), "pages over 100 ms: {slow:?}");
-    }
+    assert!(slow.is_empty(), "pages over 100 ms: {slow:?}");
 }

@@ -1,10 +1,12 @@
 //! The gateway seen from outside: the real binary on port 0, real HTTP, a real SQLite file, and
 //! the mock upstream replaying the provider fixtures.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
+use common::client::http_untimed as http;
+use common::client::interception_id;
 use common::mock::{
     fixture_bytes, fixture_manifest, Chunking, MockResponse, MockUpstream, Transfer,
 };
@@ -12,10 +14,6 @@ use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sqlx::{Row, SqlitePool};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
 
 /// A mock that answers each API path with the given fixture, and a Tollgate in front of it.
 async fn gateway_with(upstream: &MockUpstream) -> (Tollgate, String) {
@@ -236,15 +234,6 @@ async fn post(url: &str, key: &str, body: &Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-fn interception_id(resp: &reqwest::Response) -> String {
-    resp.headers()
-        .get("x-tollgate-interception-id")
-        .expect("interception id header")
-        .to_str()
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::server::Tollgate;
 
-fn browser() -> reqwest::Client {
+/// A client that stays on the page it asked for (no redirects followed), as the tests read them.
+pub fn browser() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())

@@ -2,25 +2,18 @@
 //! metric its PromQL queries name must be exported by `/metrics` once traffic has flowed, so a
 //! renamed metric cannot leave a panel silently empty.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::client::http;
 use common::mock::{MockResponse, MockUpstream};
 use common::server::Tollgate;
 use serde_json::{json, Value};
 
 const KEY_A: &str = "sk-pool-aaaaaaaaaaaaaaaa-key1";
 const KEY_B: &str = "sk-pool-bbbbbbbbbbbbbbbb-key2";
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 /// Every `expr` string anywhere in the dashboard (panels nest inside rows).
 fn exprs(v: &Value, out: &mut Vec<String>) {

@@ -3,41 +3,20 @@
 //! attacks of a member who wants to spend past their cap (issue 14), each proving the bound
 //! SECURITY.md states.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
+use common::client::http_untimed as http;
+use common::client::messages_request;
+use common::client::user_id;
 use common::mock::{fixture_bytes, Chunking, MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap()
-}
-
-fn messages_request() -> Value {
-    json!({
-        "model": "claude-sonnet-4-5-20250929",
-        "max_tokens": 1024,
-        "messages": [{"role": "user", "content": "Fix the flaky test."}]
-    })
-}
-
-/// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/gateway.rs).
+/// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/it/gateway.rs).
 const CALL_COST: i64 = 14_205_000;
-
-async fn user_id(tg: &Tollgate, name: &str) -> String {
-    tg.scalar(
-        "SELECT CAST(id AS TEXT) FROM users WHERE username = ?",
-        &[name],
-    )
-    .await
-}
 
 async fn total_spend(tg: &Tollgate) -> i64 {
     tg.scalar(

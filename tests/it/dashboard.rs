@@ -3,24 +3,15 @@
 //! editor's change enforced by the gateway, members confined to their own records, and forms
 //! refused without their CSRF token.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
+use common::dashboard::browser as http;
 use common::dashboard::{csrf_of, dashboard_post, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
-use reqwest::redirect::Policy;
 use serde_json::{json, Value};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 async fn upstream() -> MockUpstream {
     MockUpstream::start(|req| match req.path_without_query() {

@@ -1,7 +1,7 @@
 //! The embedded database misbehaving under traffic: a SQLite file locked by another process.
-//! (PostgreSQL stopping under traffic is in tests/replicas.rs.)
+//! (PostgreSQL stopping under traffic is in tests/it/replicas.rs.)
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

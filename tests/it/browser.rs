@@ -7,13 +7,14 @@
 //! Skips with a message when chromium or chromedriver is not installed (`.ci/run` installs
 //! both).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::client::http_builder;
 use common::mock::{MockResponse, MockUpstream};
 use common::server::Tollgate;
 use serde_json::{json, Value};
@@ -26,8 +27,7 @@ const ENTER: &str = "\u{E007}";
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    http_builder()
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap()

@@ -4,11 +4,12 @@
 //! every provider's plain-http `base_url`. No DNS is needed: the proxy resolves MITM hosts only
 //! to recognise their addresses in tunnels, and `api.openai.com` not resolving just means none.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::client::interception_id;
 use common::mock::{fixture_bytes, fixture_manifest, MockResponse, MockUpstream};
 use common::server::{Tollgate, OPENAI_CENTRAL_KEY};
 use common::tunnel::{
@@ -87,13 +88,6 @@ fn proxied(tg: &Tollgate, key: &str, http1_only: bool, extra_roots: &[&str]) -> 
         builder = builder.http1_only();
     }
     builder.build().unwrap()
-}
-
-fn interception_id(resp: &reqwest::Response) -> String {
-    resp.headers()["x-tollgate-interception-id"]
-        .to_str()
-        .unwrap()
-        .to_string()
 }
 
 /// Builds the comparison JSON from an interceptions row and its children, whichever the

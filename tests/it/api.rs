@@ -3,25 +3,19 @@
 //! tested as a library call against a SQLite file written directly (and, with
 //! `TOLLGATE_TEST_DATABASE_URL` set, against a fresh PostgreSQL database).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use common::client::http;
+use common::client::user_id;
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::{Row, SqlitePool};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 /// A mock answering each provider path with its blocking fixture.
 async fn upstream() -> MockUpstream {
@@ -169,14 +163,6 @@ async fn tool_result_followup(tg: &Tollgate, key: &str) -> String {
         ]
     });
     gateway_call(tg, key, "/anthropic/v1/messages", body, None).await
-}
-
-async fn user_id(tg: &Tollgate, name: &str) -> String {
-    tg.scalar(
-        "SELECT CAST(id AS TEXT) FROM users WHERE username = ?",
-        &[name],
-    )
-    .await
 }
 
 fn ids(list: &Value) -> Vec<String> {

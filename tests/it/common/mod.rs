@@ -1,3 +1,4 @@
+pub mod client;
 pub mod dashboard;
 pub mod mock;
 pub mod server;

@@ -5,7 +5,7 @@
 //! open-file limit, and a flood of random keys. Each test asserts the figure the attack moved
 //! before the fix, and prints it.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

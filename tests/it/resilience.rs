@@ -3,12 +3,14 @@
 //! clients that misbehave too (slow readers, disconnects at every phase). Each test asserts what
 //! the client sees, what was recorded, and that memory and other traffic are unaffected.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::client::http_untimed as http;
+use common::client::interception_id;
 use common::mock::{fixture_bytes, Chunking, MockResponse, MockUpstream};
 use common::server::{metric_value, metrics, rss, watch_rss, Tollgate, TollgateBuilder};
 use common::tunnel::{connect_tunnel, der_of, read_h1_response, tls_client};
@@ -20,10 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const KEY_A: &str = "sk-pool-aaaaaaaaaaaaaaaa-key1";
 const KEY_B: &str = "sk-pool-bbbbbbbbbbbbbbbb-key2";
 const KEY_C: &str = "sk-pool-cccccccccccccccc-key3";
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
 
 fn chat(stream: bool) -> Value {
     json!({
@@ -86,15 +84,6 @@ async fn record(tg: &Tollgate, id: &str) -> (String, Option<String>, Option<i64>
             .await,
         tg.scalar(&q("credential_hint"), &[id]).await,
     )
-}
-
-fn interception_id(resp: &reqwest::Response) -> String {
-    resp.headers()
-        .get("x-tollgate-interception-id")
-        .expect("intercepted responses carry their id")
-        .to_str()
-        .unwrap()
-        .to_string()
 }
 
 /// The Authorization header values the mock saw, in order.

@@ -9,10 +9,11 @@
 //! A "decoy" mock on 127.0.0.1 stands for whatever sits next to Tollgate (an internal service,
 //! the metadata endpoint): every relay test ends by checking that it saw no connection at all.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
+use common::client::http;
 use common::dashboard::{cookie_of, csrf_of, dashboard_get, dashboard_post, sign_in_response};
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{Tollgate, ANTHROPIC_CENTRAL_KEY, OPENAI_CENTRAL_KEY};
@@ -21,14 +22,6 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 /// A mock answering the provider APIs the tests call, with their blocking fixtures.
 async fn provider_upstream() -> MockUpstream {

@@ -5,7 +5,7 @@
 //! themselves: after the writes, after a batch written twice, and after retention purged the
 //! oldest. Runs on SQLite, and on PostgreSQL when `TOLLGATE_TEST_DATABASE_URL` is set.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

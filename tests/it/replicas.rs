@@ -5,35 +5,20 @@
 //! test starts its own private PostgreSQL (scripts/test-postgres on another port), since
 //! stopping the shared one would break every other test running at the same time.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::client::http;
+use common::client::messages_request;
 use common::mock::{MockResponse, MockUpstream};
 use common::server::{fresh_postgres_database, on_postgres, Tollgate};
 use serde_json::{json, Value};
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(256)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-fn messages_request() -> Value {
-    json!({
-        "model": "claude-sonnet-4-5-20250929",
-        "max_tokens": 1024,
-        "messages": [{"role": "user", "content": "Fix the flaky test."}]
-    })
-}
-
-/// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/gateway.rs).
+/// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/it/gateway.rs).
 const CALL_COST: i64 = 14_205_000;
 
 fn skip_without_postgres(test: &str) -> bool {
