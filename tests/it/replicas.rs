@@ -101,9 +101,11 @@ async fn three_replicas_spend_one_budget_no_further_than_one_alone() {
         served,
         "refused requests never reached the upstream"
     );
-    // One replica alone admits 8 of such a burst (reservations of ~$0.0178 fit 8 times); three
-    // together must not admit more, as three independent ledgers (24) would.
-    assert!((1..=10).contains(&served), "{served} served in the burst");
+    // One replica alone admits 8 of such a burst at once (reservations of ~$0.0178 fit 8 times),
+    // more as earlier calls settle at their real cost: 10 fit under the cap, and an 11th is
+    // admitted alone once the first 10 have settled ($0.142 spent, under the cap), which the
+    // bound allows (one call past the cap). Three independent ledgers would admit 24 at once.
+    assert!((1..=11).contains(&served), "{served} served in the burst");
 
     // Then one at a time, round robin, until every replica refuses.
     let mut later = 0;
