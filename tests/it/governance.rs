@@ -16,7 +16,30 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 /// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/it/gateway.rs).
-const CALL_COST: i64 = 14_205_000;
+pub(crate) const CALL_COST: i64 = 14_205_000;
+
+/// The burst tests' cap, $0.15: it covers 10 fixture calls (10 × $0.014205 = $0.14205) and the
+/// 11th would pass it. No rate limit, so only the cap refuses.
+pub(crate) const TEN_CALL_CAP: &str =
+    "[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0";
+/// [`TEN_CALL_CAP`] in nano-USD.
+pub(crate) const TEN_CALL_CAP_NANO: i64 = 150_000_000;
+
+/// An Anthropic mock answering the fixture after 30 ms, behind a Tollgate capped at
+/// [`TEN_CALL_CAP`].
+async fn ten_call_capped_anthropic() -> (MockUpstream, Tollgate) {
+    let upstream = MockUpstream::always(
+        MockResponse::fixture("anthropic-messages.json")
+            .first_byte_delay(Duration::from_millis(30)),
+    )
+    .await;
+    let tg = Tollgate::builder()
+        .provider("anthropic", "anthropic", &upstream.base_url())
+        .extra(TEN_CALL_CAP)
+        .start()
+        .await;
+    (upstream, tg)
+}
 
 async fn total_spend(tg: &Tollgate) -> i64 {
     tg.scalar(
@@ -28,18 +51,8 @@ async fn total_spend(tg: &Tollgate) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_of_200_requests_cannot_spend_past_the_cap() {
-    let upstream = MockUpstream::always(
-        MockResponse::fixture("anthropic-messages.json")
-            .first_byte_delay(Duration::from_millis(30)),
-    )
-    .await;
-    // $0.15 covers 10 calls (10 × $0.014205 = $0.14205); the 11th would pass the cap.
-    let cap: i64 = 150_000_000;
-    let tg = Tollgate::builder()
-        .provider("anthropic", "anthropic", &upstream.base_url())
-        .extra("[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0")
-        .start()
-        .await;
+    let (upstream, tg) = ten_call_capped_anthropic().await;
+    let cap = TEN_CALL_CAP_NANO;
     let key = tg.user_key("burst");
     let client = http();
     let url = format!("{}/anthropic/v1/messages", tg.gateway);
@@ -1044,17 +1057,8 @@ async fn a_cut_stream_a_broken_body_and_an_oversized_body_are_charged_too() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_alias_is_reserved_at_the_dearest_price_and_charged_as_the_model_that_answered() {
     // The upstream answers an alias the book lacks with a priced model (the fixture's).
-    let upstream = MockUpstream::always(
-        MockResponse::fixture("anthropic-messages.json")
-            .first_byte_delay(Duration::from_millis(30)),
-    )
-    .await;
-    let cap: i64 = 150_000_000;
-    let tg = Tollgate::builder()
-        .provider("anthropic", "anthropic", &upstream.base_url())
-        .extra("[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0")
-        .start()
-        .await;
+    let (_upstream, tg) = ten_call_capped_anthropic().await;
+    let cap = TEN_CALL_CAP_NANO;
     let key = tg.user_key("aliaser");
     let url = format!("{}/anthropic/v1/messages", tg.gateway);
     let mut body = messages_request();

@@ -18,8 +18,7 @@ use common::mock::{MockResponse, MockUpstream};
 use common::server::{fresh_postgres_database, on_postgres, Tollgate};
 use serde_json::{json, Value};
 
-/// One blocking Anthropic fixture call costs 14_205_000 nano-USD (see tests/it/gateway.rs).
-const CALL_COST: i64 = 14_205_000;
+use crate::governance::{CALL_COST, TEN_CALL_CAP, TEN_CALL_CAP_NANO};
 
 fn skip_without_postgres(test: &str) -> bool {
     if on_postgres() {
@@ -72,13 +71,8 @@ async fn three_replicas_spend_one_budget_no_further_than_one_alone() {
             .first_byte_delay(Duration::from_millis(40)),
     )
     .await;
-    // $0.15 covers 10 calls (10 × $0.014205); the 11th would pass the cap.
-    let cap: i64 = 150_000_000;
-    let replicas = three_replicas(
-        &upstream,
-        "[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0",
-    )
-    .await;
+    let cap = TEN_CALL_CAP_NANO;
+    let replicas = three_replicas(&upstream, TEN_CALL_CAP).await;
     let key = replicas[0].user_key("burst");
     let client = http();
 
@@ -572,12 +566,8 @@ async fn three_replicas_hold_the_cap_against_aliases_and_unseen_input() {
         MockResponse::json(200, answer).first_byte_delay(Duration::from_millis(40))
     })
     .await;
-    let cap: i64 = 150_000_000;
-    let replicas = three_replicas(
-        &upstream,
-        "[budgets]\ndefault_limit_usd = \"0.15\"\n[limits]\nrequests_per_minute = 0",
-    )
-    .await;
+    let cap = TEN_CALL_CAP_NANO;
+    let replicas = three_replicas(&upstream, TEN_CALL_CAP).await;
     let client = http();
     let mut alias = messages_request();
     alias["model"] = json!("claude-sonnet-latest-alias");
